@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Reproduces the README's benchmark figures for a standalone node (issue 2 targets):
+# v1 lookup, internal bind and bulk_lookup (1,000 3PIDs) with wrk, against a release build
+# holding 10,000 bindings, then bulk_lookup again at 100,000 bindings, and idle RSS.
+#
+#   benches/run.sh            # needs wrk (apt-get install wrk)
+#
+# Everything runs on loopback in a temp dir; the node is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-16}
+WORKERS=${WORKERS:-1}
+cargo build --release --quiet
+BIN=target/release/sydent-rs
+DIR=$(mktemp -d)
+trap 'kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; rm -rf "$DIR"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+CPORT=$(free_port); IPORT=$(free_port)
+cat > "$DIR/sydent.conf" <<CONF
+[general]
+server.name = bench.example.org
+pidfile.path = $DIR/sydent.pid
+log.level = WARNING
+[db]
+db.file = $DIR/sydent.db
+[http]
+clientapi.http.bind_address = 127.0.0.1
+clientapi.http.port = $CPORT
+clientapi.http.workers = $WORKERS
+internalapi.http.bind_address = 127.0.0.1
+internalapi.http.port = $IPORT
+CONF
+"$BIN" --config "$DIR/sydent.conf" &
+NODE=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CPORT/_matrix/identity/versions" >/dev/null && break; sleep 0.1; done
+
+# wrk scripts: binds of fresh addresses, lookups of random existing ones, bulk lookups.
+cat > "$DIR/bind.lua" <<'LUA'
+local n = 0
+local thread_id = 0
+local threads = {}
+function setup(thread) thread:set("tid", thread_id); thread_id = thread_id + 1 end
+function init(args) prefix = args[1] or "u" end
+request = function()
+  n = n + 1
+  local body = string.format('{"medium":"email","address":"%s%d-%d@example.org","mxid":"@u%d:example.org"}', prefix, tid, n, n)
+  return wrk.format("POST", "/_matrix/identity/internal/bind", {["Content-Type"] = "application/json"}, body)
+end
+LUA
+cat > "$DIR/lookup.lua" <<'LUA'
+math.randomseed(os.time())
+request = function()
+  -- half the addresses exist (seeded as seed-<i>@example.org), half do not
+  local i = math.random(0, 19999)
+  return wrk.format("GET", "/_matrix/identity/api/v1/lookup?medium=email&address=seed-" .. i .. "%40example.org")
+end
+LUA
+python3 - "$DIR/bulk.lua" <<'PY'
+import json, sys
+pairs = [["email", f"seed-{i*7 % 20000}@example.org"] for i in range(1000)]
+body = json.dumps({"threepids": pairs})
+open(sys.argv[1], "w").write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[%s]]\n' % body)
+PY
+
+seed() { # seed FROM TO: binds seed-FROM..seed-(TO-1) through the internal API, 64 in flight
+  python3 - "$IPORT" "$1" "$2" <<'PY'
+import http.client, json, sys, concurrent.futures
+port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def work(chunk):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    for i in chunk:
+        c.request("POST", "/_matrix/identity/internal/bind",
+                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse(); r.read(); assert r.status == 200, r.status
+chunks = [range(s, hi, 64) for s in range(lo, lo + 64)]
+with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
+PY
+}
+
+report() { # report NAME: prints requests/s and latency percentiles from wrk's output
+  awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-34s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'
+}
+
+echo "seeding 10,000 bindings..."
+seed 0 10000
+sleep 2
+sleep 1
+RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$NODE/status)
+echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, $WORKERS worker(s), $CONNS connections, $DURATION each"
+printf "%-34s %10s MB\n" "idle RSS with 10,000 bindings" "$((RSS_KB / 1024))"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (10k rows, 50% hits)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (10k+ rows)"
+echo "seeding to 100,000 bindings..."
+seed 10000 100000
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (100k+ rows)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (100k+ rows)"

@@ -1,0 +1,361 @@
+//! The association store: the one owner of writes to `local_threepid_associations` and
+//! `global_threepid_associations`.
+//!
+//! Handlers send it [`Bind`] and [`Unbind`]. Writes that arrive while a transaction is being
+//! committed wait in `pending` and are committed together in the next one (group commit), each
+//! inside its own savepoint so one failing write does not fail its neighbours. The SQLite work
+//! runs on a blocking thread (`spawn_blocking`), never on the actor's arbiter; the connection
+//! travels there and back with the batch, so there is never more than one transaction at a time.
+//! After a commit the store applies the batch to the [`SharedIndex`] and only then answers.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use diesel::prelude::*;
+use diesel::SqliteConnection;
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+use crate::association::ThreepidAssociation;
+use crate::crypto::{lookup_hash, NodeSigningKey};
+use crate::db::queries::{self, NewLocalRow};
+use crate::db::{DbError, GlobalRow};
+use crate::lookup_index::SharedIndex;
+use crate::types::{Mxid, Threepid};
+
+/// Most writes committed in one transaction; the rest wait for the next one.
+const MAX_BATCH: usize = 2048;
+/// Messages the mailbox holds before `send` waits (backpressure on the HTTP handlers).
+const MAILBOX_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The text of a `diesel` error (which is not `Clone`, and a failed commit answers every
+    /// writer of its batch).
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("signing failed: {0}")]
+    Sign(String),
+    #[error("the association store has stopped")]
+    Stopped,
+}
+
+/// Sent by the client and internal bind handlers: bind `threepid` to `mxid` now, replacing any
+/// earlier binding of it made on this node. Answers the signed association.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Map<String, Value>, StoreError>")]
+pub struct Bind {
+    pub threepid: Threepid,
+    pub mxid: Mxid,
+}
+
+/// Sent by the unbind handlers: remove the binding of `threepid` to `mxid` made on this node,
+/// writing the tombstone that replication carries to peers. Answers whether a binding was
+/// removed (false when there was none to that mxid: unbind is idempotent).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct Unbind {
+    pub threepid: Threepid,
+    pub mxid: Mxid,
+}
+
+/// Sent by `Node::stop`: answers once every write received before it has been committed.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// What the store needs to build rows: immutable, shared with the blocking thread.
+#[derive(Debug)]
+pub struct StoreContext {
+    pub server_name: String,
+    pub signing_key: NodeSigningKey,
+    pub pepper: String,
+    /// Clock in milliseconds since the epoch (a parameter so tests can fix time).
+    pub now_ms: fn() -> i64,
+}
+
+enum Write {
+    Bind(
+        Bind,
+        oneshot::Sender<Result<Map<String, Value>, StoreError>>,
+    ),
+    Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A committed write's effect, applied to the index after the commit.
+enum Applied {
+    Bound {
+        signed: Map<String, Value>,
+        row: GlobalRow,
+    },
+    Unbound {
+        tombstone_id: Option<i64>,
+        threepid: Threepid,
+    },
+    Nothing,
+}
+
+pub struct AssociationStore {
+    /// `None` while a batch is being committed on the blocking thread.
+    conn: Option<SqliteConnection>,
+    pending: Vec<Write>,
+    ctx: Arc<StoreContext>,
+    index: SharedIndex,
+}
+
+impl AssociationStore {
+    pub fn new(conn: SqliteConnection, ctx: StoreContext, index: SharedIndex) -> Self {
+        Self {
+            conn: Some(conn),
+            pending: Vec::new(),
+            ctx: Arc::new(ctx),
+            index,
+        }
+    }
+
+    /// Starts a commit of the pending writes unless one is already running (then the pending
+    /// writes go in the next one, started when it finishes).
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let take = self.pending.len().min(MAX_BATCH);
+        let batch: Vec<Write> = self.pending.drain(..take).collect();
+        let store_ctx = Arc::clone(&self.ctx);
+        let job = actix_web::rt::task::spawn_blocking(move || {
+            let outcome = commit_batch(&mut conn, &store_ctx, &batch);
+            (conn, batch, outcome)
+        });
+        ctx.spawn(job.into_actor(self).map(|joined, act, ctx| {
+            match joined {
+                Ok((conn, batch, outcome)) => {
+                    act.conn = Some(conn);
+                    act.finish_batch(batch, outcome);
+                    act.flush(ctx);
+                }
+                Err(panic) => {
+                    // The connection and the batch's reply channels were lost with the thread;
+                    // the waiting handlers see `Stopped`. Nothing was committed half-way.
+                    log::error!("association store: commit thread panicked: {panic}");
+                    ctx.stop();
+                }
+            }
+        }));
+    }
+
+    /// Updates the index with what was committed, then answers every writer in the batch.
+    fn finish_batch(
+        &mut self,
+        batch: Vec<Write>,
+        outcome: Result<Vec<Result<Applied, StoreError>>, DbError>,
+    ) {
+        let results: Vec<Result<Applied, StoreError>> = match outcome {
+            Ok(results) => results,
+            Err(e) => {
+                log::error!(
+                    "association store: commit of {} writes failed: {e}",
+                    batch.len()
+                );
+                let err = StoreError::from(e);
+                batch.iter().map(|_| Err(err.clone())).collect()
+            }
+        };
+        self.index.write(|index| {
+            for applied in results.iter().flatten() {
+                match applied {
+                    Applied::Bound { row, .. } => index.insert(row.clone()),
+                    Applied::Unbound {
+                        tombstone_id: Some(id),
+                        threepid,
+                    } => index.remove(
+                        &self.ctx.server_name,
+                        threepid.medium,
+                        &threepid.address,
+                        *id,
+                    ),
+                    _ => {}
+                }
+            }
+        });
+        for (write, result) in batch.into_iter().zip(results) {
+            // A closed receiver means the client went away; the write is committed anyway.
+            match write {
+                Write::Bind(_, reply) => {
+                    let _ = reply.send(result.and_then(|a| match a {
+                        Applied::Bound { signed, .. } => Ok(signed),
+                        _ => Err(StoreError::Db("a bind was applied as an unbind".into())),
+                    }));
+                }
+                Write::Unbind(_, reply) => {
+                    let _ = reply.send(result.map(|a| {
+                        matches!(
+                            a,
+                            Applied::Unbound {
+                                tombstone_id: Some(_),
+                                ..
+                            }
+                        )
+                    }));
+                }
+                Write::Flush(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+
+    fn enqueue<T: Send + 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        make: impl FnOnce(oneshot::Sender<T>) -> Write,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.push(make(tx));
+        self.flush(ctx);
+        rx
+    }
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        Self::Db(e.to_string())
+    }
+}
+
+impl From<crate::crypto::SignError> for StoreError {
+    fn from(e: crate::crypto::SignError) -> Self {
+        Self::Sign(e.to_string())
+    }
+}
+
+impl Actor for AssociationStore {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+impl Handler<Bind> for AssociationStore {
+    type Result = ResponseFuture<Result<Map<String, Value>, StoreError>>;
+
+    fn handle(&mut self, msg: Bind, ctx: &mut Context<Self>) -> Self::Result {
+        let rx = self.enqueue(ctx, |tx| Write::Bind(msg, tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
+    }
+}
+
+impl Handler<Unbind> for AssociationStore {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, msg: Unbind, ctx: &mut Context<Self>) -> Self::Result {
+        let rx = self.enqueue(ctx, |tx| Write::Unbind(msg, tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
+    }
+}
+
+impl Handler<Flush> for AssociationStore {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> Self::Result {
+        let rx = self.enqueue(ctx, Write::Flush);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+/// Runs one transaction for the whole batch, one savepoint per write.
+fn commit_batch(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    batch: &[Write],
+) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
+    let now = (ctx.now_ms)();
+    conn.immediate_transaction(|c| {
+        Ok(batch
+            .iter()
+            .map(|write| match write {
+                Write::Bind(bind, _) => c.transaction(|c| apply_bind(c, ctx, bind, now)),
+                Write::Unbind(unbind, _) => c.transaction(|c| apply_unbind(c, ctx, unbind, now)),
+                Write::Flush(_) => Ok(Applied::Nothing),
+            })
+            .collect())
+    })
+}
+
+fn apply_bind(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    bind: &Bind,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    let Threepid { medium, address } = &bind.threepid;
+    let medium = medium.as_str();
+    let assoc = ThreepidAssociation::binding(medium, address, bind.mxid.as_str(), now);
+    let hash = lookup_hash(address, medium, &ctx.pepper);
+    let id = queries::replace_local(
+        conn,
+        &NewLocalRow {
+            medium,
+            address,
+            mxid: Some(bind.mxid.as_str()),
+            ts: now,
+            not_before: assoc.not_before,
+            not_after: assoc.not_after,
+            lookup_hash: Some(&hash),
+        },
+    )?;
+    let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
+    let row = GlobalRow {
+        medium: medium.into(),
+        address: address.clone(),
+        mxid: bind.mxid.to_string(),
+        ts: now,
+        not_before: now,
+        not_after: assoc.not_after.unwrap_or(i64::MAX),
+        origin_server: ctx.server_name.clone(),
+        origin_id: id,
+        sg_assoc: Value::Object(signed.clone()).to_string(),
+        lookup_hash: Some(hash),
+    };
+    queries::put_global(conn, &row)?;
+    Ok(Applied::Bound { signed, row })
+}
+
+fn apply_unbind(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    unbind: &Unbind,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    let Threepid { medium, address } = &unbind.threepid;
+    let current = queries::local_for(conn, medium.as_str(), address)?;
+    if current.and_then(|row| row.mxid).as_deref() != Some(unbind.mxid.as_str()) {
+        return Ok(Applied::Unbound {
+            tombstone_id: None,
+            threepid: unbind.threepid.clone(),
+        });
+    }
+    let id = queries::replace_local(
+        conn,
+        &NewLocalRow {
+            medium: medium.as_str(),
+            address,
+            mxid: None,
+            ts: now,
+            not_before: None,
+            not_after: None,
+            lookup_hash: None,
+        },
+    )?;
+    queries::delete_global_from_origin(conn, &ctx.server_name, medium.as_str(), address, id)?;
+    Ok(Applied::Unbound {
+        tombstone_id: Some(id),
+        threepid: unbind.threepid.clone(),
+    })
+}

@@ -1,0 +1,50 @@
+//! Unpadded base64 as Matrix uses it: standard alphabet on output, and a decoder as lenient as
+//! Python's `unpaddedbase64` (padding optional, either alphabet, trailing bits allowed).
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+
+const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+    .with_encode_padding(false)
+    .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+    .with_decode_allow_trailing_bits(true);
+const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+
+/// Standard alphabet, no padding: signatures and long-term public keys.
+pub fn encode_base64(bytes: impl AsRef<[u8]>) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// URL-safe alphabet, no padding: lookup hashes and ephemeral invite keys.
+pub fn encode_base64_urlsafe(bytes: impl AsRef<[u8]>) -> String {
+    URL_SAFE.encode(bytes)
+}
+
+/// Decodes either alphabet, with or without padding.
+pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    if text.contains(['-', '_']) {
+        URL_SAFE.decode(text).ok()
+    } else {
+        STANDARD.decode(text).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_both_alphabets_with_and_without_padding() {
+        let bytes = [0xfb_u8, 0xff, 0x01];
+        assert_eq!(encode_base64(bytes), "+/8B");
+        assert_eq!(encode_base64_urlsafe(bytes), "-_8B");
+        assert_eq!(decode_base64("+/8B").unwrap(), bytes);
+        assert_eq!(decode_base64("-_8B").unwrap(), bytes);
+        assert_eq!(decode_base64("AQ==").unwrap(), [1]);
+        assert_eq!(decode_base64("AQ").unwrap(), [1]);
+        assert!(decode_base64("not base64!").is_none());
+    }
+}

@@ -1,0 +1,177 @@
+//! The node's long-term ed25519 key, stored as Sydent stores it in `[crypto] ed25519.signingkey`:
+//! `ed25519 <version> <unpadded base64 32-byte seed>` (signedjson's `encode_signing_key_base64`),
+//! or, as very old Sydent versions wrote it, the seed alone in hex.
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use rand_core::OsRng;
+
+use super::{decode_base64, encode_base64};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("expected 'ed25519 <version> <base64 seed>'")]
+    Format,
+    #[error("unsupported key algorithm '{0}' (only ed25519)")]
+    Algorithm(String),
+    #[error("the seed is not base64 of 32 bytes")]
+    Seed,
+    #[error("the public key is not base64 of a valid ed25519 point")]
+    PublicKey,
+}
+
+/// The signing key plus its version: the key id is `ed25519:<version>`.
+#[derive(Clone)]
+pub struct NodeSigningKey {
+    version: String,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for NodeSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the seed.
+        write!(
+            f,
+            "NodeSigningKey({}, {})",
+            self.key_id(),
+            self.verify_key().to_base64()
+        )
+    }
+}
+
+impl NodeSigningKey {
+    /// A new random key with version `0`, as Sydent generates on first start.
+    pub fn generate() -> Self {
+        Self {
+            version: "0".into(),
+            key: SigningKey::generate(&mut OsRng),
+        }
+    }
+
+    /// Builds a key from a raw 32-byte seed (tests and vectors).
+    pub fn from_seed(version: &str, seed: [u8; 32]) -> Self {
+        Self {
+            version: version.into(),
+            key: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// Parses Sydent's config value; a lone hex seed (the pre-2019 format) is accepted too.
+    pub fn from_sydent_str(text: &str) -> Result<Self, KeyError> {
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        match parts.as_slice() {
+            [alg, version, seed] => {
+                if *alg != "ed25519" {
+                    return Err(KeyError::Algorithm((*alg).into()));
+                }
+                let seed = decode_base64(seed).ok_or(KeyError::Seed)?;
+                let seed: [u8; 32] = seed.try_into().map_err(|_| KeyError::Seed)?;
+                Ok(Self::from_seed(version, seed))
+            }
+            [hex_seed] if hex_seed.len() == 64 => {
+                let mut seed = [0u8; 32];
+                for (i, byte) in seed.iter_mut().enumerate() {
+                    *byte = u8::from_str_radix(&hex_seed[2 * i..2 * i + 2], 16)
+                        .map_err(|_| KeyError::Seed)?;
+                }
+                Ok(Self::from_seed("0", seed))
+            }
+            _ => Err(KeyError::Format),
+        }
+    }
+
+    /// The config value: `ed25519 <version> <seed>`.
+    pub fn to_sydent_string(&self) -> String {
+        format!(
+            "ed25519 {} {}",
+            self.version,
+            encode_base64(self.key.to_bytes())
+        )
+    }
+
+    /// `ed25519:<version>`, the key id under `signatures` and in `/pubkey/{keyId}`.
+    pub fn key_id(&self) -> String {
+        format!("ed25519:{}", self.version)
+    }
+
+    pub fn verify_key(&self) -> VerifyKey {
+        VerifyKey(self.key.verifying_key())
+    }
+
+    pub(super) fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+/// A peer's (or our own) public key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct VerifyKey(VerifyingKey);
+
+impl std::fmt::Debug for VerifyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VerifyKey({})", self.to_base64())
+    }
+}
+
+impl VerifyKey {
+    /// Parses unpadded base64 (either alphabet), as in `peer_pubkeys.key` and peers.d files.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        let bytes = decode_base64(text.trim()).ok_or(KeyError::PublicKey)?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| KeyError::PublicKey)?;
+        VerifyingKey::from_bytes(&bytes)
+            .map(Self)
+            .map_err(|_| KeyError::PublicKey)
+    }
+
+    /// Standard unpadded base64, as `/pubkey/ed25519:0` serves it.
+    pub fn to_base64(&self) -> String {
+        encode_base64(self.0.as_bytes())
+    }
+
+    pub(super) fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        self.0
+            .verify(message, &ed25519_dalek::Signature::from_bytes(signature))
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_sydent_format() {
+        let key = NodeSigningKey::generate();
+        let text = key.to_sydent_string();
+        assert!(text.starts_with("ed25519 0 "));
+        let again = NodeSigningKey::from_sydent_str(&text).unwrap();
+        assert_eq!(again.verify_key(), key.verify_key());
+        assert_eq!(again.key_id(), "ed25519:0");
+    }
+
+    #[test]
+    fn reads_the_legacy_hex_seed() {
+        let hex = "01".repeat(32);
+        let key = NodeSigningKey::from_sydent_str(&hex).unwrap();
+        assert_eq!(
+            key.verify_key().to_base64(),
+            "iojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1w"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_values() {
+        assert_eq!(
+            NodeSigningKey::from_sydent_str("").unwrap_err(),
+            KeyError::Format
+        );
+        assert_eq!(
+            NodeSigningKey::from_sydent_str("rsa 0 AAAA").unwrap_err(),
+            KeyError::Algorithm("rsa".into())
+        );
+        assert_eq!(
+            NodeSigningKey::from_sydent_str("ed25519 0 AAAA").unwrap_err(),
+            KeyError::Seed
+        );
+        assert!(VerifyKey::from_base64("short").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! Pure cryptography, no I/O: canonical JSON, the node's ed25519 signing key in Sydent's
+//! format, signing and verifying JSON objects, and lookup hashes.
+//!
+//! Everything here must be byte-identical to the Python libraries Sydent uses
+//! (signedjson, canonicaljson, unpaddedbase64); `tests/it/vectors.rs` walks
+//! `shared/vectors/matrix-signing.json` to prove it.
+
+mod b64;
+mod canonical;
+mod hash;
+mod keys;
+mod sign;
+
+pub use b64::{decode_base64, encode_base64, encode_base64_urlsafe};
+pub use canonical::{canonical_json, CanonicalJsonError};
+pub use hash::lookup_hash;
+pub use keys::{KeyError, NodeSigningKey, VerifyKey};
+pub use sign::{sign_json, verify_json, SignError};

@@ -1,0 +1,68 @@
+//! Diesel's view of Sydent's tables (migrations/…_sydent_schema/up.sql), in the shape
+//! `diesel print-schema` writes, except that every INTEGER column is `BigInt`: SQLite integers
+//! are 64-bit and Sydent stores millisecond timestamps in columns declared `integer`.
+
+diesel::table! {
+    local_threepid_associations (id) {
+        id -> BigInt,
+        medium -> Text,
+        address -> Text,
+        mxid -> Nullable<Text>,
+        ts -> Nullable<BigInt>,
+        #[sql_name = "notBefore"]
+        not_before -> Nullable<BigInt>,
+        #[sql_name = "notAfter"]
+        not_after -> Nullable<BigInt>,
+        lookup_hash -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    global_threepid_associations (id) {
+        id -> BigInt,
+        medium -> Text,
+        address -> Text,
+        mxid -> Text,
+        ts -> BigInt,
+        #[sql_name = "notBefore"]
+        not_before -> BigInt,
+        #[sql_name = "notAfter"]
+        not_after -> BigInt,
+        #[sql_name = "originServer"]
+        origin_server -> Text,
+        #[sql_name = "originId"]
+        origin_id -> BigInt,
+        #[sql_name = "sgAssoc"]
+        sg_assoc -> Text,
+        lookup_hash -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    hashing_metadata (id) {
+        id -> BigInt,
+        lookup_pepper -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    peers (id) {
+        id -> BigInt,
+        name -> Text,
+        port -> Nullable<BigInt>,
+        #[sql_name = "lastSentVersion"]
+        last_sent_version -> Nullable<BigInt>,
+        #[sql_name = "lastPokeSucceededAt"]
+        last_poke_succeeded_at -> Nullable<BigInt>,
+        active -> BigInt,
+    }
+}
+
+diesel::table! {
+    peer_pubkeys (id) {
+        id -> BigInt,
+        peername -> Text,
+        alg -> Text,
+        key -> Text,
+    }
+}

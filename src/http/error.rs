@@ -1,0 +1,98 @@
+//! The one place where failures become HTTP answers: `{"errcode", "error"}` JSON with the
+//! status the Matrix spec gives each errcode. Internal failures are logged here and answered
+//! with a generic message.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::actors::store::StoreError;
+use crate::types::InvalidValue;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404 `M_UNRECOGNIZED`: no such endpoint.
+    #[error("Unrecognized request")]
+    UnknownEndpoint,
+    /// 405 `M_UNRECOGNIZED`: the endpoint exists, the method does not.
+    #[error("Method not allowed")]
+    MethodNotAllowed,
+    /// 400 `M_BAD_JSON`.
+    #[error("{0}")]
+    BadJson(String),
+    /// 400 `M_MISSING_PARAMS`, naming every missing parameter.
+    #[error("Missing parameters: {}", .0.join(","))]
+    MissingParams(Vec<String>),
+    /// 400 `M_INVALID_PARAM`.
+    #[error("{0}")]
+    InvalidParam(String),
+    /// 400 `M_TOO_LARGE`: a request asking for more than the configured limit.
+    #[error("{0}")]
+    TooMany(String),
+    /// 413 `M_TOO_LARGE`: the body is over the size limit.
+    #[error("Request body too large")]
+    BodyTooLarge,
+    /// 404 `M_NOT_FOUND`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 500 `M_UNKNOWN`; the cause is logged, not sent.
+    #[error("Internal server error")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn errcode(&self) -> &'static str {
+        match self {
+            Self::UnknownEndpoint | Self::MethodNotAllowed => "M_UNRECOGNIZED",
+            Self::BadJson(_) => "M_BAD_JSON",
+            Self::MissingParams(_) => "M_MISSING_PARAMS",
+            Self::InvalidParam(_) => "M_INVALID_PARAM",
+            Self::TooMany(_) | Self::BodyTooLarge => "M_TOO_LARGE",
+            Self::NotFound(_) => "M_NOT_FOUND",
+            Self::Internal(_) => "M_UNKNOWN",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::UnknownEndpoint | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadJson(_)
+            | Self::MissingParams(_)
+            | Self::InvalidParam(_)
+            | Self::TooMany(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let Self::Internal(cause) = self {
+            log::error!("internal error: {cause}");
+        }
+        HttpResponse::build(self.status_code()).json(json!({
+            "errcode": self.errcode(),
+            "error": self.to_string(),
+        }))
+    }
+}
+
+impl From<InvalidValue> for ApiError {
+    fn from(e: InvalidValue) -> Self {
+        Self::InvalidParam(e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<actix::MailboxError> for ApiError {
+    fn from(e: actix::MailboxError) -> Self {
+        Self::Internal(format!("association store unreachable: {e}"))
+    }
+}

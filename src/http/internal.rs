@@ -1,0 +1,36 @@
+//! Sydent's internal API, for trusted tools on the operator's network (no authentication;
+//! it listens on `::1` by default): bind and unbind without a validation session.
+
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::Args;
+use super::{resource, AppState};
+use crate::actors::store::{Bind, Unbind};
+use crate::types::{Mxid, Threepid};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/_matrix/identity/internal/bind").route(web::post().to(bind)))
+        .service(resource("/_matrix/identity/internal/unbind").route(web::post().to(unbind)));
+}
+
+fn parse(args: &Args) -> Result<(Threepid, Mxid), ApiError> {
+    let [medium, address, mxid] = args.strings(["medium", "address", "mxid"])?;
+    Ok((Threepid::parse(medium, address)?, Mxid::parse(mxid)?))
+}
+
+/// POST /_matrix/identity/internal/bind `{medium, address, mxid}` → the signed association.
+async fn bind(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
+    let (threepid, mxid) = parse(&args)?;
+    let signed = state.store.send(Bind { threepid, mxid }).await??;
+    Ok(HttpResponse::Ok().json(Value::Object(signed)))
+}
+
+/// POST /_matrix/identity/internal/unbind `{medium, address, mxid}` → `{}`, also when the 3PID
+/// was not bound to that mxid here.
+async fn unbind(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
+    let (threepid, mxid) = parse(&args)?;
+    state.store.send(Unbind { threepid, mxid }).await??;
+    Ok(HttpResponse::Ok().json(json!({})))
+}

@@ -1,0 +1,110 @@
+//! Legacy v1 lookups, answered from the in-memory index: `lookup` (one 3PID, the signed
+//! association) and `bulk_lookup` (many 3PIDs, only the matches).
+
+use std::collections::BTreeSet;
+
+use actix_web::http::header::ContentType;
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::extract::Args;
+use super::{resource, AppState, V1_PREFIX};
+use crate::crypto::sign_json;
+use crate::types::{InvalidValue, Medium};
+
+pub fn configure_v1(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource(&format!("{V1_PREFIX}/lookup")).route(web::get().to(lookup)))
+        .service(resource(&format!("{V1_PREFIX}/bulk_lookup")).route(web::post().to(bulk_lookup)));
+}
+
+fn parse_medium(medium: &str) -> Result<Medium, ApiError> {
+    Medium::parse(medium).ok_or_else(|| InvalidValue::Medium(medium.into()).into())
+}
+
+/// GET /_matrix/identity/api/v1/lookup?medium=&address=
+///
+/// The newest valid binding's signed association as stored, with our signature added when
+/// its origin was another server; `{}` when the 3PID is not bound.
+async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
+    let [medium, address] = args.strings(["medium", "address"])?;
+    let medium = parse_medium(medium)?;
+    let server_name = &state.config.general.server_name;
+    let now = crate::now_ms();
+    let found = state.index.read(|index| {
+        index
+            .get(medium, address, now)
+            .map(|b| (&*b.origin_server == server_name, b.signed_json.to_string()))
+    });
+    let body = match found {
+        None => "{}".to_owned(),
+        Some((true, signed)) => signed,
+        Some((false, signed)) => countersign(&signed, &state)?,
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(body))
+}
+
+/// Adds our signature to a peer's signed association unless it already carries one (as
+/// Sydent does: a client trusting this server can then verify the answer).
+fn countersign(signed: &str, state: &AppState) -> Result<String, ApiError> {
+    let mut object: Map<String, Value> = serde_json::from_str(signed)
+        .map_err(|e| ApiError::Internal(format!("stored sgAssoc is not JSON: {e}")))?;
+    let server_name = &state.config.general.server_name;
+    let ours = object
+        .get("signatures")
+        .and_then(|s| s.get(server_name))
+        .is_some();
+    if !ours {
+        sign_json(&mut object, server_name, &state.config.crypto.signing_key)
+            .map_err(|e| ApiError::Internal(format!("cannot countersign: {e}")))?;
+    }
+    Ok(Value::Object(object).to_string())
+}
+
+/// POST /_matrix/identity/api/v1/bulk_lookup `{"threepids": [[medium, address], ...]}`
+///
+/// Answers `{"threepids": [[medium, address, mxid], ...]}` for the bound ones only, with the
+/// address as stored (normalised), each match once.
+async fn bulk_lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
+    let threepids = args
+        .value("threepids")?
+        .as_array()
+        .ok_or_else(|| ApiError::InvalidParam("threepids must be a list".into()))?;
+    let limit = state.config.general.address_lookup_limit;
+    if threepids.len() > limit {
+        return Err(ApiError::TooMany(format!(
+            "More than the maximum of {limit} 3PIDs in one request"
+        )));
+    }
+    let mut queries = Vec::with_capacity(threepids.len());
+    for entry in threepids {
+        let pair = entry.as_array().filter(|p| p.len() == 2);
+        let (Some(medium), Some(address)) = (
+            pair.and_then(|p| p[0].as_str()),
+            pair.and_then(|p| p[1].as_str()),
+        ) else {
+            return Err(ApiError::InvalidParam(
+                "each entry of threepids must be a [medium, address] pair of strings".into(),
+            ));
+        };
+        queries.push((parse_medium(medium)?, address));
+    }
+    let now = crate::now_ms();
+    let found: BTreeSet<(Medium, String, String)> = state.index.read(|index| {
+        queries
+            .iter()
+            .filter_map(|(medium, address)| {
+                index
+                    .get(*medium, address, now)
+                    .map(|b| (*medium, b.address.to_string(), b.mxid.to_string()))
+            })
+            .collect()
+    });
+    let threepids: Vec<Value> = found
+        .into_iter()
+        .map(|(medium, address, mxid)| json!([medium.as_str(), address, mxid]))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "threepids": threepids })))
+}

@@ -1,0 +1,94 @@
+//! The HTTP side: the client API (Matrix Identity Service API plus Sydent's legacy v1) and
+//! the internal API (Sydent's unauthenticated bind/unbind), each a `configure` function shared
+//! by `Node` and the tests.
+//!
+//! - `error.rs`: `ApiError`, the only mapping from failures to errcodes.
+//! - `extract.rs`: request arguments by Sydent's rules.
+//! - `status.rs`: `/versions` and the API roots; `pubkey.rs`: our keys;
+//!   `lookup.rs`: v1 `lookup` and `bulk_lookup`; `internal.rs`: internal bind and unbind.
+
+pub mod error;
+pub mod extract;
+mod internal;
+mod lookup;
+mod pubkey;
+mod status;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::http::Method;
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{web, HttpResponse, Resource};
+
+use crate::actors::store::AssociationStore;
+use crate::config::Config;
+use crate::lookup_index::SharedIndex;
+use error::ApiError;
+
+pub const V1_PREFIX: &str = "/_matrix/identity/api/v1";
+pub const V2_PREFIX: &str = "/_matrix/identity/v2";
+
+/// Largest request body accepted, as Sydent's client API (512 KiB).
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
+
+/// What every handler can reach: immutable config and the actors' addresses.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Addr<AssociationStore>,
+    pub index: SharedIndex,
+}
+
+/// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`
+/// would not cover `Authorization` for browsers).
+pub fn cors_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add(("Access-Control-Allow-Origin", "*"))
+        .add((
+            "Access-Control-Allow-Methods",
+            "GET, POST, PUT, DELETE, OPTIONS",
+        ))
+        .add((
+            "Access-Control-Allow-Headers",
+            "Origin, X-Requested-With, Content-Type, Accept, Authorization",
+        ))
+}
+
+/// The client API's routes.
+pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
+    status::configure(cfg, config);
+    pubkey::configure(cfg, config);
+    if config.general.enable_v1_access {
+        lookup::configure_v1(cfg);
+    }
+}
+
+/// The internal API's routes.
+pub fn internal_api(cfg: &mut web::ServiceConfig) {
+    internal::configure(cfg);
+}
+
+/// A resource whose unknown methods are 405 `M_UNRECOGNIZED` and which answers CORS
+/// preflights.
+pub fn resource(path: &str) -> Resource {
+    web::resource(path)
+        .route(web::method(Method::OPTIONS).to(preflight))
+        .default_service(web::to(|| async {
+            Err::<HttpResponse, _>(ApiError::MethodNotAllowed)
+        }))
+}
+
+/// `OPTIONS` on any client-API path: the CORS headers are added by [`cors_headers`].
+async fn preflight() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({}))
+}
+
+/// The default service of both APIs: 404 `M_UNRECOGNIZED`.
+pub async fn unknown_endpoint() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::UnknownEndpoint)
+}
+
+/// The body-size limit as actix app data.
+pub fn payload_config() -> web::PayloadConfig {
+    web::PayloadConfig::new(MAX_BODY_BYTES)
+}

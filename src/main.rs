@@ -1,0 +1,143 @@
+//! The `sydent-rs` command: runs a node (the default), or prints a new signing key.
+//! Everything else lives in the library; this file only reads the command line, loads the
+//! config, sets up logging and waits for a stop signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use sydent_rs::config::{Config, Loaded};
+use sydent_rs::crypto::NodeSigningKey;
+use sydent_rs::{Listeners, Node};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A Matrix identity server, drop-in for Sydent, with mutual-TLS replication"
+)]
+struct Cli {
+    /// The config file (default: $SYDENT_CONF, else ./sydent.conf). Created with defaults and
+    /// a new signing key if it does not exist.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new value for `[crypto] ed25519.signingkey`.
+    GenerateKey,
+    /// Print `sydent.conf.example`: every key with its default.
+    #[command(hide = true)]
+    ExampleConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::GenerateKey) => {
+            let key = NodeSigningKey::generate();
+            println!("{}", key.to_sydent_string());
+            eprintln!(
+                "verify key ({}): {}",
+                key.key_id(),
+                key.verify_key().to_base64()
+            );
+            ExitCode::SUCCESS
+        }
+        Some(Command::ExampleConfig) => {
+            print!("{}", sydent_rs::config::example_text());
+            ExitCode::SUCCESS
+        }
+        None => run(cli.config),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("sydent-rs: {message}");
+    ExitCode::from(1)
+}
+
+fn run(config_path: Option<PathBuf>) -> ExitCode {
+    let path = config_path
+        .or_else(|| std::env::var_os("SYDENT_CONF").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("sydent.conf"));
+    let env = |name: &str| std::env::var(name).ok();
+    let Loaded {
+        config,
+        warnings,
+        created,
+    } = match Config::load(&path, &env) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = init_logging(&config) {
+        return fail(e);
+    }
+    if created {
+        log::info!(
+            "wrote a new config with a new signing key to {}",
+            path.display()
+        );
+    }
+    for warning in warnings {
+        log::warn!("{warning}");
+    }
+    let listeners = match Listeners::bind(&config) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let config = Arc::new(config);
+    let system = actix_web::rt::System::new();
+    system.block_on(async move {
+        let node = match Node::start(config, listeners).await {
+            Ok(node) => node,
+            Err(e) => return fail(e),
+        };
+        wait_for_stop_signal().await;
+        log::info!("stop signal received: finishing in-flight requests");
+        node.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// env_logger at `[general] log.level` (RUST_LOG, when set, overrides it), to `log.path` when
+/// set, else stderr.
+fn init_logging(config: &Config) -> Result<(), String> {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(config.general.log_level);
+    // actix's own chatter (worker start/stop) only at debug.
+    if config.general.log_level < log::LevelFilter::Debug {
+        builder.filter_module("actix_server", log::LevelFilter::Warn);
+    }
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    if let Some(path) = &config.general.log_path {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("[general] log.path: cannot open {}: {e}", path.display()))?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    builder.init();
+    Ok(())
+}

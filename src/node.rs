@@ -1,0 +1,243 @@
+//! A running node: the start order (database → index → actors → HTTP servers) and the stop
+//! order (HTTP servers drain in-flight requests → the store commits what it holds → pidfile
+//! removed). `main` and the tests both go through [`Node::start`].
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use actix_web::dev::ServerHandle;
+use actix_web::middleware::{Condition, Logger};
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::store::{AssociationStore, Flush, StoreContext};
+use crate::config::Config;
+use crate::db;
+use crate::http::{self, AppState};
+use crate::lookup_index::{LookupIndex, SharedIndex};
+
+/// How long a graceful stop waits for in-flight requests.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `[section] key: message`, naming the setting behind the failure.
+    #[error("{key}: {message}")]
+    Setting { key: &'static str, message: String },
+    #[error(transparent)]
+    Database(#[from] db::OpenError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The sockets a node serves on, bound before the node starts (tests bind port 0).
+pub struct Listeners {
+    pub client: TcpListener,
+    pub internal: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses the config names. `::` and `::1` fall back to `0.0.0.0` and
+    /// `127.0.0.1` on hosts without IPv6 (many containers).
+    pub fn bind(config: &Config) -> Result<Self, StartError> {
+        let http = &config.http;
+        let client = bind_with_fallback(&http.clientapi_bind_address, http.clientapi_port)
+            .map_err(|e| StartError::Setting {
+                key: "[http] clientapi.http.port",
+                message: format!(
+                    "cannot listen on {}:{}: {e}",
+                    http.clientapi_bind_address, http.clientapi_port
+                ),
+            })?;
+        let internal = match http.internalapi_port {
+            None => None,
+            Some(port) => Some(
+                bind_with_fallback(&http.internalapi_bind_address, port).map_err(|e| {
+                    StartError::Setting {
+                        key: "[http] internalapi.http.port",
+                        message: format!(
+                            "cannot listen on {}:{port}: {e}",
+                            http.internalapi_bind_address
+                        ),
+                    }
+                })?,
+            ),
+        };
+        Ok(Self { client, internal })
+    }
+}
+
+fn bind_with_fallback(address: &str, port: u16) -> io::Result<TcpListener> {
+    let host = address.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{address}' is not an IP address"),
+        )
+    })?;
+    match TcpListener::bind(SocketAddr::new(ip, port)) {
+        Err(e) if ip.is_unspecified() && ip.is_ipv6() && e.kind() != io::ErrorKind::AddrInUse => {
+            TcpListener::bind(("0.0.0.0", port))
+        }
+        Err(e) if ip.is_loopback() && ip.is_ipv6() && e.kind() != io::ErrorKind::AddrInUse => {
+            TcpListener::bind(("127.0.0.1", port))
+        }
+        other => other,
+    }
+}
+
+/// A started node; [`Node::stop`] stops it in order.
+pub struct Node {
+    pub client_addr: SocketAddr,
+    pub internal_addr: Option<SocketAddr>,
+    servers: Vec<(
+        ServerHandle,
+        actix_web::rt::task::JoinHandle<io::Result<()>>,
+    )>,
+    store: Addr<AssociationStore>,
+    pidfile: Option<PathBuf>,
+}
+
+impl Node {
+    /// Opens the database, starts the actors and serves on `listeners`. Must run inside an
+    /// actix `System`.
+    pub async fn start(config: Arc<Config>, listeners: Listeners) -> Result<Self, StartError> {
+        let db_file = config.db.db_file.clone();
+        let (conn, pepper, rows) = actix_web::rt::task::spawn_blocking(move || {
+            let (mut conn, pepper) = db::open(&db_file)?;
+            let rows =
+                db::queries::all_global(&mut conn).map_err(|source| db::OpenError::Query {
+                    path: db_file.clone(),
+                    source,
+                })?;
+            Ok::<_, db::OpenError>((conn, pepper, rows))
+        })
+        .await
+        .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
+        log::info!(
+            "database {} open: {} bindings",
+            config.db.db_file,
+            rows.len()
+        );
+
+        let index = SharedIndex::new(LookupIndex::from_rows(rows));
+        let store = AssociationStore::new(
+            conn,
+            StoreContext {
+                server_name: config.general.server_name.clone(),
+                signing_key: config.crypto.signing_key.clone(),
+                pepper,
+                now_ms: crate::now_ms,
+            },
+            index.clone(),
+        )
+        .start();
+        let state = web::Data::new(AppState {
+            config: Arc::clone(&config),
+            store: store.clone(),
+            index,
+        });
+
+        let client_addr = listeners
+            .client
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
+        let log_requests = config.general.log_level >= log::LevelFilter::Debug;
+        let mut servers = Vec::new();
+        let client = {
+            let state = state.clone();
+            let workers = config.http.clientapi_workers;
+            let config = Arc::clone(&config);
+            let mut server = HttpServer::new(move || {
+                let config = Arc::clone(&config);
+                App::new()
+                    .app_data(state.clone())
+                    .app_data(http::payload_config())
+                    // No query strings in the log: they hold the 3PIDs being looked up.
+                    .wrap(Condition::new(
+                        log_requests,
+                        Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
+                            .custom_request_replace("method", |req| req.method().to_string()),
+                    ))
+                    .wrap(http::cors_headers())
+                    .configure(move |cfg| http::client_api(cfg, &config))
+                    .default_service(web::to(http::unknown_endpoint))
+            })
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
+            if workers > 0 {
+                server = server.workers(workers);
+            }
+            server
+                .listen(listeners.client)
+                .map_err(|e| StartError::Other(format!("client API: {e}")))?
+                .run()
+        };
+        servers.push((client.handle(), actix_web::rt::spawn(client)));
+
+        let mut internal_addr = None;
+        if let Some(listener) = listeners.internal {
+            internal_addr = listener.local_addr().ok();
+            let state = state.clone();
+            let internal = HttpServer::new(move || {
+                App::new()
+                    .app_data(state.clone())
+                    .app_data(http::payload_config())
+                    .configure(http::internal_api)
+                    .default_service(web::to(http::unknown_endpoint))
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+            .listen(listener)
+            .map_err(|e| StartError::Other(format!("internal API: {e}")))?
+            .run();
+            servers.push((internal.handle(), actix_web::rt::spawn(internal)));
+        }
+
+        let pidfile = config.general.pidfile_path.clone();
+        if let Some(path) = &pidfile {
+            std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+                StartError::Setting {
+                    key: "[general] pidfile.path",
+                    message: format!("cannot write {}: {e}", path.display()),
+                }
+            })?;
+        }
+        log::info!(
+            "sydent-rs {} serving as {}: client API on http://{client_addr}{}",
+            env!("CARGO_PKG_VERSION"),
+            config.general.server_name,
+            internal_addr
+                .map(|a| format!(", internal API on http://{a}"))
+                .unwrap_or_default()
+        );
+        Ok(Self {
+            client_addr,
+            internal_addr,
+            servers,
+            store,
+            pidfile,
+        })
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish, commits the store's pending
+    /// writes and removes the pidfile.
+    pub async fn stop(self) {
+        for (handle, _) in &self.servers {
+            handle.stop(true).await;
+        }
+        for (_, task) in self.servers {
+            let _ = task.await;
+        }
+        if self.store.send(Flush).await.is_err() {
+            log::warn!("the association store had already stopped");
+        }
+        if let Some(path) = &self.pidfile {
+            let _ = std::fs::remove_file(path);
+        }
+        log::info!("stopped");
+    }
+}

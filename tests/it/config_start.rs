@@ -1,0 +1,170 @@
+//! Starting, restarting and stopping a node the way an admin does: first start writes the
+//! config with a new key, restarts keep key and data, SIGTERM exits 0 and removes the pidfile,
+//! bad configs stop startup with one line naming the key.
+
+use std::net::TcpListener;
+
+use serde_json::json;
+
+use crate::harness::{base_config, run_to_exit, TestNode, BINARY};
+
+#[tokio::test]
+async fn first_start_writes_config_with_a_new_key_then_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("sydent.conf");
+    let db = dir.path().join("data.db");
+    // Defaults only, as on a fresh machine; the env vars Sydent reads set the defaults.
+    let port_free = TcpListener::bind("[::]:8090").is_ok();
+    let mut cmd = std::process::Command::new(BINARY);
+    cmd.env("SYDENT_CONF", &conf)
+        .env("SYDENT_SERVER_NAME", "fresh.example.org")
+        .env("SYDENT_DB_PATH", &db)
+        .env("SYDENT_PID_FILE", dir.path().join("fresh.pid"));
+    match TestNode::start_cmd(dir.path(), &conf, &mut cmd) {
+        Ok(mut node) => {
+            assert!(node.client_url.ends_with(":8090"), "{}", node.client_url);
+            let (status, body) = node.get("/_matrix/identity/versions").await;
+            assert_eq!(status, 200, "{body}");
+            assert!(dir.path().join("fresh.pid").exists());
+            assert!(node.stop().success());
+        }
+        Err(log) => {
+            assert!(
+                !port_free,
+                "port 8090 was free but the node did not start: {log}"
+            );
+            assert!(log.contains("[http] clientapi.http.port"), "{log}");
+        }
+    }
+    let text = std::fs::read_to_string(&conf).expect("config written on first start");
+    for needle in [
+        "[general]",
+        "server.name = fresh.example.org",
+        "[db]",
+        &format!("db.file = {}", db.display()),
+        "[http]",
+        "clientapi.http.port = 8090",
+        "[email]",
+        "[sms]",
+        "[crypto]",
+        "ed25519.signingkey = ed25519 0 ",
+    ] {
+        assert!(
+            text.contains(needle),
+            "generated config lacks {needle:?}:\n{text}"
+        );
+    }
+    assert!(db.exists(), "database created at SYDENT_DB_PATH");
+}
+
+#[tokio::test]
+async fn restart_keeps_key_and_bindings_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // No key in the file: the node generates one and writes it into the existing file.
+    let config = format!(
+        "# my comment\n{}",
+        base_config(dir.path(), "keep.example.org")
+    );
+    let mut node = TestNode::start_with_config(dir.path(), &config);
+    let (_, key1) = node.get("/_matrix/identity/v2/pubkey/ed25519:0").await;
+    let text = std::fs::read_to_string(dir.path().join("sydent.conf")).unwrap();
+    assert!(
+        text.contains("# my comment") && text.contains("ed25519.signingkey = ed25519 0 "),
+        "{text}"
+    );
+    let (status, bound) = node
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "dave@example.org", "mxid": "@dave:example.org"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let pidfile = dir.path().join("sydent.pid");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, node.pid());
+    let status = node.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        node.log_text()
+    );
+    assert!(!pidfile.exists(), "pidfile removed on stop");
+
+    let node = TestNode::start(dir.path(), &dir.path().join("sydent.conf")).unwrap();
+    let (_, key2) = node.get("/_matrix/identity/v2/pubkey/ed25519:0").await;
+    assert_eq!(key1, key2, "same signing key after restart");
+    let (_, found) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=dave%40example.org")
+        .await;
+    assert_eq!(found, bound, "binding survives the restart");
+}
+
+#[test]
+fn invalid_config_exits_1_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_config(dir.path(), "bad.example.org");
+    for (change, key) in [
+        (
+            base.replace("clientapi.http.port = 0", "clientapi.http.port = eighty"),
+            "[http] clientapi.http.port",
+        ),
+        (
+            format!("{base}[crypto]\ned25519.signingkey = ed25519 0 notakey\n"),
+            "[crypto] ed25519.signingkey",
+        ),
+        (
+            base.replace("[general]\n", "[general]\nlog.level = LOUD\n"),
+            "[general] log.level",
+        ),
+        (
+            base.replace("[general]\n", "[general]\nenable_v1_access = maybe\n"),
+            "[general] enable_v1_access",
+        ),
+    ] {
+        let path = dir.path().join("bad.conf");
+        std::fs::write(&path, &change).unwrap();
+        let (code, _, stderr) = run_to_exit(dir.path(), &["--config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{key}: {stderr}");
+        assert!(stderr.contains(key), "stderr does not name {key}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_keys_are_warned_about_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = base_config(dir.path(), "warn.example.org")
+        .replace("[http]\n", "[http]\nclientapi.http.prot = 1\n");
+    let mut node = TestNode::start_with_config(dir.path(), &config);
+    assert!(
+        node.log_text().contains("clientapi.http.prot"),
+        "{}",
+        node.log_text()
+    );
+    node.stop();
+}
+
+#[test]
+fn generate_key_help_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, _) = run_to_exit(dir.path(), &["generate-key"]);
+    assert_eq!(code, Some(0));
+    let key = sydent_rs::crypto::NodeSigningKey::from_sydent_str(out.trim())
+        .expect("prints a usable key");
+    assert_eq!(key.key_id(), "ed25519:0");
+    let (code, out, _) = run_to_exit(dir.path(), &["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("--config") && out.contains("generate-key"),
+        "{out}"
+    );
+    let (code, out, _) = run_to_exit(dir.path(), &["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+}

@@ -1,0 +1,236 @@
+//! Test nodes: a temp directory with a `sydent.conf`, the real binary started on ports the OS
+//! picks (port 0; the node logs the addresses it got), stopped with SIGTERM or killed.
+
+#![allow(dead_code)] // not every test module uses every helper
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_sydent-rs");
+/// How long a node may take to start (a debug build on a busy 2-core machine).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One HTTP client for the tests (plain HTTP; the rustls provider must be chosen first).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("reqwest client builds")
+}
+
+/// The config lines every test node gets: loopback, OS-picked ports, files in its own dir.
+pub fn base_config(dir: &Path, server_name: &str) -> String {
+    format!(
+        "[general]\nserver.name = {server_name}\npidfile.path = {dir}/sydent.pid\n\
+         [db]\ndb.file = {dir}/sydent.db\n\
+         [http]\nclientapi.http.bind_address = 127.0.0.1\nclientapi.http.port = 0\n\
+         clientapi.http.workers = 1\n\
+         internalapi.http.bind_address = 127.0.0.1\ninternalapi.http.port = 0\n",
+        dir = dir.display()
+    )
+}
+
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    /// Everything the node wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// e.g. `http://127.0.0.1:41234`
+    pub client_url: String,
+    pub internal_url: Option<String>,
+}
+
+impl TestNode {
+    /// Starts the binary with `--config <config_path>` and waits until it serves.
+    pub fn start(dir: &Path, config_path: &Path) -> Result<TestNode, String> {
+        Self::start_cmd(
+            dir,
+            config_path,
+            Command::new(BINARY).arg("--config").arg(config_path),
+        )
+    }
+
+    /// Writes `config` to `<dir>/sydent.conf` and starts a node on it.
+    pub fn start_with_config(dir: &Path, config: &str) -> TestNode {
+        let path = dir.join("sydent.conf");
+        std::fs::write(&path, config).expect("write config");
+        Self::start(dir, &path).unwrap_or_else(|e| panic!("node did not start: {e}"))
+    }
+
+    pub fn start_cmd(
+        dir: &Path,
+        config_path: &Path,
+        cmd: &mut Command,
+    ) -> Result<TestNode, String> {
+        let mut child = cmd
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn {BINARY}: {e}"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        let stderr = child.stderr.take().expect("piped stderr");
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push_str(&format!("{line}\n"));
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("client API on http://") => {
+                    let url_after = |marker: &str| {
+                        line.split(marker).nth(1).map(|rest| {
+                            format!("http://{}", rest.split([',', ' ']).next().unwrap_or(""))
+                        })
+                    };
+                    return Ok(TestNode {
+                        dir: dir.to_path_buf(),
+                        config_path: config_path.to_path_buf(),
+                        child: Some(child),
+                        log,
+                        client_url: url_after("client API on http://").expect("client url"),
+                        internal_url: url_after("internal API on http://"),
+                    });
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    let status = child.try_wait().ok().flatten();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(100)); // let the reader drain
+                    return Err(format!(
+                        "node exited or timed out (status {status:?}); its log:\n{}",
+                        log.lock().unwrap()
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn internal(&self) -> &str {
+        self.internal_url.as_deref().expect("internal API enabled")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "TERM");
+        wait_with_deadline(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// POST JSON to the internal API; returns (status, body).
+    pub async fn internal_post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = client()
+            .post(format!("{}{path}", self.internal()))
+            .json(body)
+            .send()
+            .await
+            .expect("internal API answers");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON body"))
+    }
+
+    /// GET on the client API; returns (status, body).
+    pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
+        let resp = client()
+            .get(format!("{}{path_and_query}", self.client_url))
+            .send()
+            .await
+            .expect("client API answers");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON body"))
+    }
+
+    /// POST JSON to the client API; returns (status, body).
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = client()
+            .post(format!("{}{path}", self.client_url))
+            .json(body)
+            .send()
+            .await
+            .expect("client API answers");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON body"))
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill(1) runs");
+}
+
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the binary to completion (for commands and for startups that must fail).
+pub fn run_to_exit(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BINARY)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SYDENT_CONF")
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The test vectors made with Sydent's Python libraries.
+pub fn vectors() -> Value {
+    serde_json::from_str(include_str!("../../vectors/matrix-signing.json")).expect("vectors parse")
+}

@@ -1,0 +1,11 @@
+//! The integration tests: one binary (STYLE.md: each tests/*.rs would link the whole tree
+//! again). Every test boots real `sydent-rs` processes on loopback ports the OS picks, talks
+//! real HTTP to them and reads real SQLite files.
+
+mod harness;
+
+mod config_start;
+mod errors;
+mod internal_bind;
+mod sydent_db;
+mod vectors;

@@ -1,0 +1,209 @@
+//! A database Sydent 2.x created (schema version 5) opens in place: its bindings are served
+//! as they were signed, its pepper is kept, and Sydent's tables are untouched.
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use serde_json::{json, Value};
+use sydent_rs::crypto::{verify_json, VerifyKey};
+
+use crate::harness::{base_config, vectors, TestNode};
+use crate::internal_bind::sqlite_rows;
+
+/// Sydent 2.6's schema as its own code leaves it (v0 .sql files, then migrations to v5).
+const SYDENT_V5_SCHEMA: &str = r#"
+CREATE TABLE local_threepid_associations (id integer primary key autoincrement, medium varchar(16) not null, address varchar(256) not null, mxid varchar(256), ts integer, notBefore bigint, notAfter bigint, lookup_hash varchar(256));
+CREATE UNIQUE INDEX local_threepid_medium_address on local_threepid_associations(medium, address);
+CREATE TABLE global_threepid_associations (id integer primary key autoincrement, medium varchar(16) not null, address varchar(256) not null, mxid varchar(256) not null, ts integer not null, notBefore bigint not null, notAfter integer not null, originServer varchar(255) not null, originId integer not null, sgAssoc text not null, lookup_hash varchar(256));
+CREATE INDEX global_threepid_medium_address on global_threepid_associations (medium, address);
+CREATE INDEX global_threepid_medium_lower_address on global_threepid_associations (medium, lower(address));
+CREATE UNIQUE INDEX global_threepid_originServer_originId on global_threepid_associations (originServer, originId);
+CREATE INDEX global_threepid_lookup_hash ON global_threepid_associations(lookup_hash);
+CREATE TABLE threepid_validation_sessions (id integer primary key, medium varchar(16) not null, address varchar(256) not null, clientSecret varchar(32) not null, validated int default 0, mtime bigint not null);
+CREATE INDEX threepid_validation_sessions_mtime ON threepid_validation_sessions(mtime);
+CREATE TABLE threepid_token_auths (id integer primary key, validationSession integer not null, token varchar(32) not null, sendAttemptNumber integer not null, foreign key (validationSession) references threepid_validations(id));
+CREATE TABLE invite_tokens (id integer primary key, medium varchar(16) not null, address varchar(256) not null, room_id varchar(256) not null, sender varchar(256) not null, token varchar(256) not null, received_ts bigint, sent_ts bigint);
+CREATE INDEX invite_token_medium_address on invite_tokens(medium, address);
+CREATE INDEX invite_token_token on invite_tokens(token);
+CREATE TABLE ephemeral_public_keys (id integer primary key, public_key varchar(256) not null, verify_count bigint default 0, persistence_ts bigint);
+CREATE UNIQUE INDEX ephemeral_public_keys_index on ephemeral_public_keys(public_key);
+CREATE TABLE peers (id integer primary key, name varchar(255) not null, port integer default null, lastSentVersion integer, lastPokeSucceededAt integer, active integer not null default 0);
+CREATE UNIQUE INDEX name on peers(name);
+CREATE TABLE peer_pubkeys (id integer primary key, peername varchar(255) not null, alg varchar(16) not null, key text not null, foreign key (peername) references peers (peername));
+CREATE UNIQUE INDEX peername_alg on peer_pubkeys(peername, alg);
+CREATE TABLE hashing_metadata (id integer primary key, lookup_pepper varchar(256));
+CREATE TABLE accounts(user_id TEXT NOT NULL PRIMARY KEY, created_ts BIGINT NOT NULL, consent_version TEXT);
+CREATE TABLE tokens(token TEXT NOT NULL PRIMARY KEY, user_id TEXT NOT NULL);
+CREATE TABLE accepted_terms_urls(user_id TEXT NOT NULL, url TEXT NOT NULL);
+CREATE UNIQUE INDEX accepted_terms_urls_idx ON accepted_terms_urls (user_id, url);
+PRAGMA user_version = 5;
+"#;
+
+fn insert_global(conn: &mut SqliteConnection, signed: &Value, origin: &str, origin_id: i64) {
+    diesel::sql_query(
+        "INSERT INTO global_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, originServer, originId, sgAssoc, lookup_hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'x')",
+    )
+    .bind::<diesel::sql_types::Text, _>(signed["medium"].as_str().unwrap())
+    .bind::<diesel::sql_types::Text, _>(signed["address"].as_str().unwrap())
+    .bind::<diesel::sql_types::Text, _>(signed["mxid"].as_str().unwrap())
+    .bind::<diesel::sql_types::BigInt, _>(signed["ts"].as_i64().unwrap())
+    .bind::<diesel::sql_types::BigInt, _>(signed["not_before"].as_i64().unwrap())
+    .bind::<diesel::sql_types::BigInt, _>(signed["not_after"].as_i64().unwrap())
+    .bind::<diesel::sql_types::Text, _>(origin)
+    .bind::<diesel::sql_types::BigInt, _>(origin_id)
+    // Sydent stores json.dumps() of the dict: spaces after separators, keys unsorted.
+    .bind::<diesel::sql_types::Text, _>(serde_json::to_string_pretty(signed).unwrap())
+    .execute(conn)
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sydent_database_is_served_in_place() {
+    let v = vectors();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sydent.db");
+    {
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.batch_execute(SYDENT_V5_SCHEMA).unwrap();
+        conn.batch_execute(
+            "INSERT INTO hashing_metadata (id, lookup_pepper) VALUES (0, 'matrixrocks');
+             INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
+               VALUES ('email', 'alice@example.com', '@alice:example.com', 1700000000000, 1700000000000, 4853600000000, 'h');
+             INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
+               VALUES ('email', 'gone@example.com', NULL, 1700000000500, NULL, NULL, NULL);
+             INSERT INTO peers (name, port, lastSentVersion, active) VALUES ('node2.test', 4434, 1, 1);
+             INSERT INTO accounts (user_id, created_ts) VALUES ('@alice:example.com', 1);",
+        )
+        .unwrap();
+        let cases = v["signed_associations"].as_array().unwrap();
+        insert_global(&mut conn, &cases[0]["signed"], "node1.test", 1);
+        insert_global(&mut conn, &cases[1]["signed"], "node2.test", 7);
+    }
+
+    let seed = v["keys"]["node1.test"]["seed"].as_str().unwrap();
+    let config = format!(
+        "{}[crypto]\ned25519.signingkey = ed25519 0 {seed}\n",
+        base_config(dir.path(), "node1.test")
+    );
+    let node = TestNode::start_with_config(dir.path(), &config);
+
+    // Our own binding: exactly the association Sydent signed.
+    let (_, alice) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=alice%40example.com")
+        .await;
+    assert_eq!(alice, v["signed_associations"][0]["signed"]);
+
+    // A peer's binding: its signature kept, ours added, both verify.
+    let (_, bob) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=msisdn&address=447700900123")
+        .await;
+    assert_eq!(bob["mxid"], "@bob:example.org");
+    let bob = bob.as_object().unwrap();
+    let key =
+        |n: &str| VerifyKey::from_base64(v["keys"][n]["verify_key"].as_str().unwrap()).unwrap();
+    verify_json(bob, "node2.test", "ed25519:0", &key("node2.test")).unwrap();
+    verify_json(bob, "node1.test", "ed25519:0", &key("node1.test")).unwrap();
+
+    let (_, bulk) = node
+        .post(
+            "/_matrix/identity/api/v1/bulk_lookup",
+            &json!({"threepids": [["email", "alice@example.com"], ["msisdn", "447700900123"], ["email", "gone@example.com"]]}),
+        )
+        .await;
+    assert_eq!(
+        bulk,
+        json!({"threepids": [["email", "alice@example.com", "@alice:example.com"], ["msisdn", "447700900123", "@bob:example.org"]]})
+    );
+
+    // A new bind continues Sydent's id sequence and the pepper is Sydent's.
+    let (status, _) = node
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "new@example.com", "mxid": "@new:example.com"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sqlite_rows(&db, "SELECT lookup_pepper AS v FROM hashing_metadata"),
+        ["matrixrocks"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT lookup_hash AS v FROM local_threepid_associations WHERE address = 'new@example.com'"),
+        [sydent_rs::crypto::lookup_hash("new@example.com", "email", "matrixrocks")]
+    );
+    assert_eq!(
+        sqlite_rows(
+            &db,
+            "SELECT CAST(id AS TEXT) AS v FROM local_threepid_associations ORDER BY id"
+        ),
+        ["1", "2", "3"]
+    );
+    // Sydent's other data and its schema version are left as they were.
+    assert_eq!(
+        sqlite_rows(
+            &db,
+            "SELECT CAST(user_version AS TEXT) AS v FROM pragma_user_version"
+        ),
+        ["5"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT name || ':' || lastSentVersion AS v FROM peers"),
+        ["node2.test:1"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT user_id AS v FROM accounts"),
+        ["@alice:example.com"]
+    );
+}
+
+#[tokio::test]
+async fn sydent_database_from_before_hashing_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sydent.db");
+    {
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        // Schema version 2: no lookup_hash columns, no hashing_metadata table yet.
+        let v2 = SYDENT_V5_SCHEMA
+            .replace(", lookup_hash varchar(256))", ")")
+            .replace("CREATE INDEX global_threepid_lookup_hash ON global_threepid_associations(lookup_hash);", "")
+            .replace("CREATE TABLE hashing_metadata (id integer primary key, lookup_pepper varchar(256));", "")
+            .replace("PRAGMA user_version = 5;", "PRAGMA user_version = 2;");
+        conn.batch_execute(&v2).unwrap();
+        conn.batch_execute(
+            "INSERT INTO global_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, originServer, originId, sgAssoc)
+               VALUES ('email', 'old@example.com', '@old:example.com', 1700000000000, 1700000000000, 4853600000000, 'node9.test', 3, '{\"mxid\": \"@old:example.com\"}');",
+        )
+        .unwrap();
+    }
+    let node = TestNode::start_with_config(dir.path(), &base_config(dir.path(), "node1.test"));
+    let (_, bulk) = node
+        .post(
+            "/_matrix/identity/api/v1/bulk_lookup",
+            &json!({"threepids": [["email", "old@example.com"]]}),
+        )
+        .await;
+    assert_eq!(
+        bulk,
+        json!({"threepids": [["email", "old@example.com", "@old:example.com"]]})
+    );
+    let pepper = sqlite_rows(&db, "SELECT lookup_pepper AS v FROM hashing_metadata");
+    assert_eq!(pepper.len(), 1);
+    assert_eq!(
+        sqlite_rows(
+            &db,
+            "SELECT lookup_hash AS v FROM global_threepid_associations"
+        ),
+        [sydent_rs::crypto::lookup_hash(
+            "old@example.com",
+            "email",
+            &pepper[0]
+        )]
+    );
+    assert_eq!(
+        sqlite_rows(
+            &db,
+            "SELECT CAST(user_version AS TEXT) AS v FROM pragma_user_version"
+        ),
+        ["5"]
+    );
+}
