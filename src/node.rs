@@ -105,14 +105,20 @@ impl Node {
     /// actix `System`.
     pub async fn start(config: Arc<Config>, listeners: Listeners) -> Result<Self, StartError> {
         let db_file = config.db.db_file.clone();
-        let (conn, pepper, rows) = actix_web::rt::task::spawn_blocking(move || {
+        let (conn, pepper, rows, ephemeral_keys) = actix_web::rt::task::spawn_blocking(move || {
             let (mut conn, pepper) = db::open(&db_file)?;
             let rows =
                 db::queries::all_global(&mut conn).map_err(|source| db::OpenError::Query {
                     path: db_file.clone(),
                     source,
                 })?;
-            Ok::<_, db::OpenError>((conn, pepper, rows))
+            let ephemeral = db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
+                db::OpenError::Query {
+                    path: db_file.clone(),
+                    source,
+                }
+            })?;
+            Ok::<_, db::OpenError>((conn, pepper, rows, ephemeral))
         })
         .await
         .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
@@ -138,6 +144,7 @@ impl Node {
             config: Arc::clone(&config),
             store: store.clone(),
             index,
+            ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
         });
 
         let client_addr = listeners

@@ -127,3 +127,9 @@ pub fn delete_global_from_origin(
 pub fn all_global(conn: &mut SqliteConnection) -> QueryResult<Vec<GlobalRow>> {
     global::table.select(GlobalRow::as_select()).load(conn)
 }
+
+/// Every invite (ephemeral) public key this node has issued, for `pubkey/ephemeral/isvalid`.
+pub fn ephemeral_public_keys(conn: &mut SqliteConnection) -> QueryResult<Vec<String>> {
+    use super::schema::ephemeral_public_keys::dsl::*;
+    ephemeral_public_keys.select(public_key).load(conn)
+}

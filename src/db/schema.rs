@@ -66,3 +66,12 @@ diesel::table! {
         key -> Text,
     }
 }
+
+diesel::table! {
+    ephemeral_public_keys (id) {
+        id -> BigInt,
+        public_key -> Text,
+        verify_count -> Nullable<BigInt>,
+        persistence_ts -> Nullable<BigInt>,
+    }
+}

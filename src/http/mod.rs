@@ -37,6 +37,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Addr<AssociationStore>,
     pub index: SharedIndex,
+    /// Invite keys this node issued (`ephemeral_public_keys`), kept in memory: the table is
+    /// small and `pubkey/ephemeral/isvalid` is hot on homeservers accepting invites.
+    pub ephemeral_keys: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
 /// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`

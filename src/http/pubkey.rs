@@ -48,9 +48,16 @@ async fn is_valid(state: web::Data<AppState>, args: Args) -> Result<HttpResponse
 }
 
 /// GET /_matrix/identity/v2/pubkey/ephemeral/isvalid?public_key= (and v1): is this an invite
-/// key we issued? Invites (and so ephemeral keys) arrive with a later issue; until then none
-/// is valid.
-async fn ephemeral_is_valid(args: Args) -> Result<HttpResponse, ApiError> {
-    let [_public_key] = args.strings(["public_key"])?;
-    Ok(HttpResponse::Ok().json(json!({ "valid": false })))
+/// key we issued (a row of `ephemeral_public_keys`, e.g. in a database Sydent made)?
+async fn ephemeral_is_valid(
+    state: web::Data<AppState>,
+    args: Args,
+) -> Result<HttpResponse, ApiError> {
+    let [public_key] = args.strings(["public_key"])?;
+    let valid = state
+        .ephemeral_keys
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .contains(public_key);
+    Ok(HttpResponse::Ok().json(json!({ "valid": valid })))
 }

@@ -72,7 +72,9 @@ async fn sydent_database_is_served_in_place() {
              INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
                VALUES ('email', 'gone@example.com', NULL, 1700000000500, NULL, NULL, NULL);
              INSERT INTO peers (name, port, lastSentVersion, active) VALUES ('node2.test', 4434, 1, 1);
-             INSERT INTO accounts (user_id, created_ts) VALUES ('@alice:example.com', 1);",
+             INSERT INTO accounts (user_id, created_ts) VALUES ('@alice:example.com', 1);
+             INSERT INTO ephemeral_public_keys (public_key, verify_count, persistence_ts)
+               VALUES ('9TOmW_1kNXdfk1Zsr6fBq4DZ1K5LhO4b8gB3ac7Fh2E', 0, 1700000000000);",
         )
         .unwrap();
         let cases = v["signed_associations"].as_array().unwrap();
@@ -114,6 +116,19 @@ async fn sydent_database_is_served_in_place() {
         bulk,
         json!({"threepids": [["email", "alice@example.com", "@alice:example.com"], ["msisdn", "447700900123", "@bob:example.org"]]})
     );
+
+    // An invite key Sydent issued is still valid; another is not.
+    for (key, valid) in [
+        ("9TOmW_1kNXdfk1Zsr6fBq4DZ1K5LhO4b8gB3ac7Fh2E", true),
+        ("AAAAW_1kNXdfk1Zsr6fBq4DZ1K5LhO4b8gB3ac7Fh2E", false),
+    ] {
+        let (status, body) = node
+            .get(&format!(
+                "/_matrix/identity/v2/pubkey/ephemeral/isvalid?public_key={key}"
+            ))
+            .await;
+        assert_eq!((status, body), (200, json!({ "valid": valid })));
+    }
 
     // A new bind continues Sydent's id sequence and the pepper is Sydent's.
     let (status, _) = node
