@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod db;
 pub mod http;
 pub mod lookup_index;
+pub mod mesh;
 pub mod types;
 
 /// Milliseconds since the Unix epoch, the unit of every Matrix and Sydent timestamp.

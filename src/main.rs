@@ -29,6 +29,14 @@ struct Cli {
 enum Command {
     /// Print a new value for `[crypto] ed25519.signingkey`.
     GenerateKey,
+    /// Print this node's peers.d file (its name, replication URL and verify key), to copy into
+    /// the peers.d directory of the other nodes of the mesh.
+    PeerFile {
+        /// The URL the other nodes reach this node's replication listener at,
+        /// e.g. https://node1.example.org:4434
+        #[arg(long)]
+        url: String,
+    },
     /// Print `sydent.conf.example`: every key with its default.
     #[command(hide = true)]
     ExampleConfig,
@@ -51,6 +59,7 @@ fn main() -> ExitCode {
             print!("{}", sydent_rs::config::example_text());
             ExitCode::SUCCESS
         }
+        Some(Command::PeerFile { url }) => peer_file(cli.config, &url),
         None => run(cli.config),
     }
 }
@@ -60,10 +69,36 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-fn run(config_path: Option<PathBuf>) -> ExitCode {
-    let path = config_path
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given
         .or_else(|| std::env::var_os("SYDENT_CONF").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("sydent.conf"));
+        .unwrap_or_else(|| PathBuf::from("sydent.conf"))
+}
+
+fn peer_file(config_path_arg: Option<PathBuf>, url: &str) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let loaded = match Config::load(&config_path(config_path_arg), &env) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(e),
+    };
+    let url = match sydent_rs::mesh::peers::check_base_url(url) {
+        Ok(url) => url,
+        Err(e) => return fail(format!("--url: {e}")),
+    };
+    let general = &loaded.config.general;
+    print!(
+        "{}",
+        sydent_rs::mesh::peers::peer_file_text(
+            &general.server_name,
+            &url,
+            &loaded.config.crypto.signing_key.verify_key()
+        )
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
+    let path = config_path(config_path_arg);
     let env = |name: &str| std::env::var(name).ok();
     let Loaded {
         config,
@@ -96,25 +131,30 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
             Ok(node) => node,
             Err(e) => return fail(e),
         };
-        wait_for_stop_signal().await;
+        wait_for_stop_signal(&node).await;
         log::info!("stop signal received: finishing in-flight requests");
         node.stop().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_stop_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers meanwhile.
+async fn wait_for_stop_signal(node: &Node) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         log::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => node.reload_peers(),
+        }
     }
 }
 

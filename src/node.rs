@@ -12,11 +12,13 @@ use actix_web::dev::ServerHandle;
 use actix_web::middleware::{Condition, Logger};
 use actix_web::{web, App, HttpServer};
 
+use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
 use crate::http::{self, AppState};
 use crate::lookup_index::{LookupIndex, SharedIndex};
+use crate::mesh::tls::MeshTls;
 
 /// How long a graceful stop waits for in-flight requests.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
@@ -36,6 +38,8 @@ pub enum StartError {
 pub struct Listeners {
     pub client: TcpListener,
     pub internal: Option<TcpListener>,
+    /// Bound when `replication.https.certfile` is set.
+    pub replication: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -65,7 +69,25 @@ impl Listeners {
                 })?,
             ),
         };
-        Ok(Self { client, internal })
+        let replication = match &http.replication_certfile {
+            None => None,
+            Some(_) => Some(
+                bind_with_fallback(&http.replication_bind_address, http.replication_port).map_err(
+                    |e| StartError::Setting {
+                        key: "[http] replication.https.port",
+                        message: format!(
+                            "cannot listen on {}:{}: {e}",
+                            http.replication_bind_address, http.replication_port
+                        ),
+                    },
+                )?,
+            ),
+        };
+        Ok(Self {
+            client,
+            internal,
+            replication,
+        })
     }
 }
 
@@ -96,7 +118,9 @@ pub struct Node {
         ServerHandle,
         actix_web::rt::task::JoinHandle<io::Result<()>>,
     )>,
+    pub replication_addr: Option<SocketAddr>,
     store: Addr<AssociationStore>,
+    registry: Option<Addr<PeerRegistry>>,
     pidfile: Option<PathBuf>,
 }
 
@@ -104,24 +128,45 @@ impl Node {
     /// Opens the database, starts the actors and serves on `listeners`. Must run inside an
     /// actix `System`.
     pub async fn start(config: Arc<Config>, listeners: Listeners) -> Result<Self, StartError> {
+        crate::mesh::tls::install_default_provider();
+        let tls = MeshTls::load(&config.http).map_err(|e| StartError::Other(e.to_string()))?;
+        if tls.is_some() && config.db.db_file == ":memory:" {
+            return Err(StartError::Setting {
+                key: "[db] db.file",
+                message: "replication needs a database file: the push queues read it beside the store, which :memory: cannot share".into(),
+            });
+        }
+        if tls.as_ref().is_some_and(|t| t.system_roots) {
+            log::warn!(
+                "replication: [http] replication.https.cacert is not set: any certificate from a public CA naming a peer is accepted (signatures are still checked). Set the mesh CA."
+            );
+        }
         let db_file = config.db.db_file.clone();
-        let (conn, pepper, rows, ephemeral_keys) = actix_web::rt::task::spawn_blocking(move || {
-            let (mut conn, pepper) = db::open(&db_file)?;
-            let rows =
-                db::queries::all_global(&mut conn).map_err(|source| db::OpenError::Query {
-                    path: db_file.clone(),
-                    source,
+        let (conn, pepper, rows, ephemeral_keys, max_local) =
+            actix_web::rt::task::spawn_blocking(move || {
+                let (mut conn, pepper) = db::open(&db_file)?;
+                let rows =
+                    db::queries::all_global(&mut conn).map_err(|source| db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    })?;
+                let ephemeral =
+                    db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
+                        db::OpenError::Query {
+                            path: db_file.clone(),
+                            source,
+                        }
+                    })?;
+                let max_local = db::queries::max_local_id(&mut conn).map_err(|source| {
+                    db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    }
                 })?;
-            let ephemeral = db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
-                db::OpenError::Query {
-                    path: db_file.clone(),
-                    source,
-                }
-            })?;
-            Ok::<_, db::OpenError>((conn, pepper, rows, ephemeral))
-        })
-        .await
-        .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
+                Ok::<_, db::OpenError>((conn, pepper, rows, ephemeral, max_local))
+            })
+            .await
+            .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
         log::info!(
             "database {} open: {} bindings",
             config.db.db_file,
@@ -129,6 +174,7 @@ impl Node {
         );
 
         let index = SharedIndex::new(LookupIndex::from_rows(rows));
+        let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
         let store = AssociationStore::new(
             conn,
             StoreContext {
@@ -138,13 +184,55 @@ impl Node {
                 now_ms: crate::now_ms,
             },
             index.clone(),
+            local_id_tx,
         )
         .start();
+        let active_peers = ActivePeers::default();
+        let registry = match &tls {
+            None => None,
+            Some(tls) => {
+                let sources = PeerSources {
+                    own_name: config.general.server_name.clone(),
+                    peers_dir: config.general.peers_path.clone(),
+                    sections: config.peers.clone(),
+                    db_file: config.db.db_file.clone(),
+                };
+                let client = reqwest::Client::builder()
+                    .use_preconfigured_tls(
+                        tls.client_config()
+                            .map_err(|e| StartError::Other(e.to_string()))?,
+                    )
+                    .user_agent(concat!("sydent-rs/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .timeout(std::time::Duration::from_secs(30))
+                    .pool_idle_timeout(std::time::Duration::from_secs(90))
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(|e| StartError::Other(format!("replication client: {e}")))?;
+                let scan_sources = sources.clone();
+                let initial = actix_web::rt::task::spawn_blocking(move || scan_sources.load())
+                    .await
+                    .map_err(|e| StartError::Other(format!("peer scan panicked: {e}")))?;
+                Some(
+                    PeerRegistry::new(
+                        sources,
+                        config.crypto.signing_key.clone(),
+                        client,
+                        local_id.clone(),
+                        active_peers.clone(),
+                        initial,
+                    )
+                    .start(),
+                )
+            }
+        };
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
             index,
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
+            local_id: local_id.clone(),
+            replication: tls.as_ref().map(|_| active_peers.clone()),
         });
 
         let client_addr = listeners
@@ -204,6 +292,33 @@ impl Node {
             servers.push((internal.handle(), actix_web::rt::spawn(internal)));
         }
 
+        let mut replication_addr = None;
+        if let (Some(listener), Some(tls)) = (listeners.replication, &tls) {
+            replication_addr = listener.local_addr().ok();
+            let receiver = web::Data::new(http::replication::ReplicationState {
+                peers: active_peers.clone(),
+                store: store.clone(),
+            });
+            let server_config = tls
+                .server_config()
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(receiver.clone())
+                    .app_data(web::PayloadConfig::new(http::replication::MAX_PUSH_BYTES))
+                    .configure(http::replication::configure_receiver)
+                    .default_service(web::to(http::unknown_endpoint))
+            })
+            .on_connect(http::replication::on_connect)
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+            .listen_rustls_0_23(listener, server_config)
+            .map_err(|e| StartError::Other(format!("replication listener: {e}")))?
+            .run();
+            servers.push((server.handle(), actix_web::rt::spawn(server)));
+        }
+
         let pidfile = config.general.pidfile_path.clone();
         if let Some(path) = &pidfile {
             std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
@@ -221,18 +336,36 @@ impl Node {
                 .map(|a| format!(", internal API on http://{a}"))
                 .unwrap_or_default()
         );
+        if let Some(addr) = replication_addr {
+            log::info!(
+                "replication on https://{addr}, peers from {}",
+                config.general.peers_path.display()
+            );
+        }
         Ok(Self {
             client_addr,
             internal_addr,
+            replication_addr,
             servers,
             store,
+            registry,
             pidfile,
         })
+    }
+
+    /// Re-reads peers.d and the peers table now (SIGHUP).
+    pub fn reload_peers(&self) {
+        if let Some(registry) = &self.registry {
+            registry.do_send(Rescan);
+        }
     }
 
     /// Stops accepting connections, lets in-flight requests finish, commits the store's pending
     /// writes and removes the pidfile.
     pub async fn stop(self) {
+        if let Some(registry) = &self.registry {
+            let _ = registry.send(StopAll).await;
+        }
         for (handle, _) in &self.servers {
             handle.stop(true).await;
         }

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use diesel::prelude::*;
 use diesel::SqliteConnection;
 use serde_json::{Map, Value};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
@@ -59,6 +59,34 @@ pub struct Unbind {
     pub mxid: Mxid,
 }
 
+/// One association a replication peer pushed, already verified against the peer's key.
+#[derive(Debug, Clone)]
+pub struct Replicated {
+    /// The peer's local id for it (`originId`).
+    pub origin_id: i64,
+    pub medium: String,
+    /// Casefolded if an email.
+    pub address: String,
+    /// `None`: a tombstone.
+    pub mxid: Option<String>,
+    pub ts: i64,
+    pub not_before: i64,
+    pub not_after: i64,
+    /// The signed association as received.
+    pub sg_assoc: String,
+}
+
+/// Sent by the replication receiver: apply a verified batch from `origin`, all or nothing.
+/// Bindings go into the global table (idempotent on origin and id); a tombstone removes that
+/// origin's older rows for its 3PID (never another origin's). Answers how many rows were new.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct ApplyReplicated {
+    pub origin: String,
+    /// In ascending `origin_id` order.
+    pub items: Vec<Replicated>,
+}
+
 /// Sent by `Node::stop`: answers once every write received before it has been committed.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -80,6 +108,7 @@ enum Write {
         oneshot::Sender<Result<Map<String, Value>, StoreError>>,
     ),
     Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
+    Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -93,6 +122,12 @@ enum Applied {
         tombstone_id: Option<i64>,
         threepid: Threepid,
     },
+    Replicated {
+        origin: String,
+        inserted: Vec<GlobalRow>,
+        /// (medium, address, tombstone origin id)
+        removed: Vec<(String, String, i64)>,
+    },
     Nothing,
 }
 
@@ -102,15 +137,24 @@ pub struct AssociationStore {
     pending: Vec<Write>,
     ctx: Arc<StoreContext>,
     index: SharedIndex,
+    /// The newest committed local id: the replication pushers wait on it.
+    local_id: watch::Sender<i64>,
 }
 
 impl AssociationStore {
-    pub fn new(conn: SqliteConnection, ctx: StoreContext, index: SharedIndex) -> Self {
+    /// `local_id` starts at the newest local id in the database.
+    pub fn new(
+        conn: SqliteConnection,
+        ctx: StoreContext,
+        index: SharedIndex,
+        local_id: watch::Sender<i64>,
+    ) -> Self {
         Self {
             conn: Some(conn),
             pending: Vec::new(),
             ctx: Arc::new(ctx),
             index,
+            local_id,
         }
     }
 
@@ -164,23 +208,52 @@ impl AssociationStore {
                 batch.iter().map(|_| Err(err.clone())).collect()
             }
         };
+        let mut newest_local = None;
         self.index.write(|index| {
             for applied in results.iter().flatten() {
                 match applied {
-                    Applied::Bound { row, .. } => index.insert(row.clone()),
+                    Applied::Bound { row, .. } => {
+                        newest_local = newest_local.max(Some(row.origin_id));
+                        index.insert(row.clone())
+                    }
+                    Applied::Replicated {
+                        origin,
+                        inserted,
+                        removed,
+                    } => {
+                        for row in inserted {
+                            index.insert(row.clone());
+                        }
+                        for (medium, address, id) in removed {
+                            if let Some(medium) = crate::types::Medium::parse(medium) {
+                                index.remove(origin, medium, address, *id);
+                            }
+                        }
+                    }
                     Applied::Unbound {
                         tombstone_id: Some(id),
                         threepid,
-                    } => index.remove(
-                        &self.ctx.server_name,
-                        threepid.medium,
-                        &threepid.address,
-                        *id,
-                    ),
+                    } => {
+                        newest_local = newest_local.max(Some(*id));
+                        index.remove(
+                            &self.ctx.server_name,
+                            threepid.medium,
+                            &threepid.address,
+                            *id,
+                        )
+                    }
                     _ => {}
                 }
             }
         });
+        // Wake the replication pushers: the rows are committed, so they can read them.
+        if let Some(id) = newest_local {
+            self.local_id.send_if_modified(|current| {
+                let newer = id > *current;
+                *current = (*current).max(id);
+                newer
+            });
+        }
         for (write, result) in batch.into_iter().zip(results) {
             // A closed receiver means the client went away; the write is committed anyway.
             match write {
@@ -199,6 +272,12 @@ impl AssociationStore {
                                 ..
                             }
                         )
+                    }));
+                }
+                Write::Replicated(_, reply) => {
+                    let _ = reply.send(result.map(|a| match a {
+                        Applied::Replicated { inserted, .. } => inserted.len(),
+                        _ => 0,
                     }));
                 }
                 Write::Flush(reply) => {
@@ -258,6 +337,15 @@ impl Handler<Unbind> for AssociationStore {
     }
 }
 
+impl Handler<ApplyReplicated> for AssociationStore {
+    type Result = ResponseFuture<Result<usize, StoreError>>;
+
+    fn handle(&mut self, msg: ApplyReplicated, ctx: &mut Context<Self>) -> Self::Result {
+        let rx = self.enqueue(ctx, |tx| Write::Replicated(msg, tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
+    }
+}
+
 impl Handler<Flush> for AssociationStore {
     type Result = ResponseFuture<()>;
 
@@ -282,6 +370,7 @@ fn commit_batch(
             .map(|write| match write {
                 Write::Bind(bind, _) => c.transaction(|c| apply_bind(c, ctx, bind, now)),
                 Write::Unbind(unbind, _) => c.transaction(|c| apply_unbind(c, ctx, unbind, now)),
+                Write::Replicated(batch, _) => c.transaction(|c| apply_replicated(c, ctx, batch)),
                 Write::Flush(_) => Ok(Applied::Nothing),
             })
             .collect())
@@ -325,6 +414,52 @@ fn apply_bind(
     };
     queries::put_global(conn, &row)?;
     Ok(Applied::Bound { signed, row })
+}
+
+/// A verified batch from a peer, in one savepoint: all of it or none of it.
+fn apply_replicated(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    batch: &ApplyReplicated,
+) -> Result<Applied, StoreError> {
+    let mut inserted = Vec::new();
+    let mut removed = Vec::new();
+    for item in &batch.items {
+        match &item.mxid {
+            Some(mxid) => {
+                let row = GlobalRow {
+                    medium: item.medium.clone(),
+                    address: item.address.clone(),
+                    mxid: mxid.clone(),
+                    ts: item.ts,
+                    not_before: item.not_before,
+                    not_after: item.not_after,
+                    origin_server: batch.origin.clone(),
+                    origin_id: item.origin_id,
+                    sg_assoc: item.sg_assoc.clone(),
+                    lookup_hash: Some(lookup_hash(&item.address, &item.medium, &ctx.pepper)),
+                };
+                if queries::put_global(conn, &row)? {
+                    inserted.push(row);
+                }
+            }
+            None => {
+                queries::delete_global_from_origin(
+                    conn,
+                    &batch.origin,
+                    &item.medium,
+                    &item.address,
+                    item.origin_id,
+                )?;
+                removed.push((item.medium.clone(), item.address.clone(), item.origin_id));
+            }
+        }
+    }
+    Ok(Applied::Replicated {
+        origin: batch.origin.clone(),
+        inserted,
+        removed,
+    })
 }
 
 fn apply_unbind(

@@ -79,6 +79,21 @@ pub fn open(path: &str) -> Result<(SqliteConnection, String), OpenError> {
     Ok((conn, pepper))
 }
 
+/// A further connection to a database [`open`] has already prepared, for the actors that read
+/// beside the store (replication push queues, the peer registry). Not for `:memory:`.
+pub fn connect(path: &str) -> Result<SqliteConnection, OpenError> {
+    let mut conn = SqliteConnection::establish(path).map_err(|source| OpenError::Connect {
+        path: path.into(),
+        source,
+    })?;
+    conn.batch_execute("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;")
+        .map_err(|source| OpenError::Query {
+            path: path.into(),
+            source,
+        })?;
+    Ok(conn)
+}
+
 /// Sydent numbers its schema in `PRAGMA user_version`. Version 5 is the schema our migration
 /// creates; versions 2–4 lack columns or indexes that `CREATE … IF NOT EXISTS` cannot add, so
 /// they are added here, as Sydent's own upgrade steps would.

@@ -86,7 +86,22 @@ pub fn put_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<b
         .load_iter::<i64, _>(conn)?
         .next()
         .is_some();
-    if already {
+    // Also ignored: an older row of an origin that has since rebound or unbound that 3PID
+    // (a replayed or reordered push must not resurrect it).
+    let superseded = already
+        || global::table
+            .filter(
+                global::origin_server
+                    .eq(&row.origin_server)
+                    .and(global::medium.eq(&row.medium))
+                    .and(global::address.eq(&row.address))
+                    .and(global::origin_id.gt(row.origin_id)),
+            )
+            .select(global::id)
+            .load_iter::<i64, _>(conn)?
+            .next()
+            .is_some();
+    if superseded {
         return Ok(false);
     }
     delete_global_from_origin(
@@ -132,4 +147,75 @@ pub fn all_global(conn: &mut SqliteConnection) -> QueryResult<Vec<GlobalRow>> {
 pub fn ephemeral_public_keys(conn: &mut SqliteConnection) -> QueryResult<Vec<String>> {
     use super::schema::ephemeral_public_keys::dsl::*;
     ephemeral_public_keys.select(public_key).load(conn)
+}
+
+/// Local rows (bindings and tombstones) after replication cursor `after`, in id order.
+pub fn local_after(
+    conn: &mut SqliteConnection,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Vec<LocalRow>> {
+    local::table
+        .filter(local::id.gt(after))
+        .order(local::id.asc())
+        .limit(limit)
+        .select(LocalRow::as_select())
+        .load(conn)
+}
+
+/// How many local rows lie after `after`: a peer's backlog.
+pub fn count_local_after(conn: &mut SqliteConnection, after: i64) -> QueryResult<i64> {
+    local::table
+        .filter(local::id.gt(after))
+        .count()
+        .get_result(conn)
+}
+
+/// The newest local id (-1 when there is none), where the pushers' wake-up signal starts.
+pub fn max_local_id(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    local::table
+        .select(diesel::dsl::max(local::id))
+        .first::<Option<i64>>(conn)
+        .map(|id| id.unwrap_or(-1))
+}
+
+/// Sydent's database peers: active rows of `peers` with an ed25519 `peer_pubkeys` row.
+pub fn db_peers(conn: &mut SqliteConnection) -> QueryResult<Vec<(String, Option<i64>, String)>> {
+    use super::schema::{peer_pubkeys, peers};
+    peers::table
+        .inner_join(peer_pubkeys::table.on(peer_pubkeys::peername.eq(peers::name)))
+        .filter(peers::active.eq(1).and(peer_pubkeys::alg.eq("ed25519")))
+        .select((peers::name, peers::port, peer_pubkeys::key))
+        .load(conn)
+}
+
+/// A peer's replication cursor (`peers.lastSentVersion`; -1 = nothing sent). A peer from
+/// peers.d gets a row (inactive, so Sydent's own loader would not pick it up) the first time.
+pub fn peer_cursor(conn: &mut SqliteConnection, name: &str) -> QueryResult<i64> {
+    use super::schema::peers;
+    diesel::insert_or_ignore_into(peers::table)
+        .values((peers::name.eq(name), peers::active.eq(0)))
+        .execute(conn)?;
+    peers::table
+        .filter(peers::name.eq(name))
+        .select(peers::last_sent_version)
+        .first::<Option<i64>>(conn)
+        .map(|v| v.unwrap_or(-1))
+}
+
+/// Records that a peer acknowledged everything up to `cursor`.
+pub fn set_peer_cursor(
+    conn: &mut SqliteConnection,
+    name: &str,
+    cursor: i64,
+    now_ms: i64,
+) -> QueryResult<()> {
+    use super::schema::peers;
+    diesel::update(peers::table.filter(peers::name.eq(name)))
+        .set((
+            peers::last_sent_version.eq(cursor),
+            peers::last_poke_succeeded_at.eq(now_ms),
+        ))
+        .execute(conn)
+        .map(|_| ())
 }

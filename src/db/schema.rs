@@ -75,3 +75,5 @@ diesel::table! {
         persistence_ts -> Nullable<BigInt>,
     }
 }
+
+diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);

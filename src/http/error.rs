@@ -35,6 +35,12 @@ pub enum ApiError {
     /// 404 `M_NOT_FOUND`.
     #[error("{0}")]
     NotFound(String),
+    /// 403 `M_UNKNOWN_PEER`: a replication push from a certificate naming no active peer.
+    #[error("{0}")]
+    UnknownPeer(String),
+    /// 400 `M_VERIFICATION_FAILED` with the ids that failed (Sydent's replication answer).
+    #[error("Verification failed for one or more associations")]
+    VerificationFailed(Vec<String>),
     /// 500 `M_UNKNOWN`; the cause is logged, not sent.
     #[error("Internal server error")]
     Internal(String),
@@ -49,6 +55,8 @@ impl ApiError {
             Self::InvalidParam(_) => "M_INVALID_PARAM",
             Self::TooMany(_) | Self::BodyTooLarge => "M_TOO_LARGE",
             Self::NotFound(_) => "M_NOT_FOUND",
+            Self::UnknownPeer(_) => "M_UNKNOWN_PEER",
+            Self::VerificationFailed(_) => "M_VERIFICATION_FAILED",
             Self::Internal(_) => "M_UNKNOWN",
         }
     }
@@ -62,7 +70,9 @@ impl ResponseError for ApiError {
             Self::BadJson(_)
             | Self::MissingParams(_)
             | Self::InvalidParam(_)
-            | Self::TooMany(_) => StatusCode::BAD_REQUEST,
+            | Self::TooMany(_)
+            | Self::VerificationFailed(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownPeer(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,10 +82,14 @@ impl ResponseError for ApiError {
         if let Self::Internal(cause) = self {
             log::error!("internal error: {cause}");
         }
-        HttpResponse::build(self.status_code()).json(json!({
+        let mut body = json!({
             "errcode": self.errcode(),
             "error": self.to_string(),
-        }))
+        });
+        if let Self::VerificationFailed(ids) = self {
+            body["failed_ids"] = json!(ids);
+        }
+        HttpResponse::build(self.status_code()).json(body)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod extract;
 mod internal;
 mod lookup;
 mod pubkey;
+pub mod replication;
 mod status;
 
 use std::sync::Arc;
@@ -40,6 +41,10 @@ pub struct AppState {
     /// Invite keys this node issued (`ephemeral_public_keys`), kept in memory: the table is
     /// small and `pubkey/ephemeral/isvalid` is hot on homeservers accepting invites.
     pub ephemeral_keys: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    /// The newest local association id (what the pushers chase).
+    pub local_id: tokio::sync::watch::Receiver<i64>,
+    /// The active peers, when replication is on.
+    pub replication: Option<crate::actors::peers::ActivePeers>,
 }
 
 /// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`
@@ -69,6 +74,7 @@ pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
 /// The internal API's routes.
 pub fn internal_api(cfg: &mut web::ServiceConfig) {
     internal::configure(cfg);
+    replication::configure_status(cfg);
 }
 
 /// A resource whose unknown methods are 405 `M_UNRECOGNIZED` and which answers CORS

@@ -7,5 +7,6 @@ mod harness;
 mod config_start;
 mod errors;
 mod internal_bind;
+mod mesh;
 mod sydent_db;
 mod vectors;

@@ -46,6 +46,8 @@ pub struct TestNode {
     /// e.g. `http://127.0.0.1:41234`
     pub client_url: String,
     pub internal_url: Option<String>,
+    /// e.g. `127.0.0.1:41235`, when replication is on.
+    pub replication_addr: Option<String>,
 }
 
 impl TestNode {
@@ -95,6 +97,20 @@ impl TestNode {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains("client API on http://") => {
+                    // With replication on, its address follows on the next line.
+                    let replication_on = std::fs::read_to_string(config_path)
+                        .is_ok_and(|c| c.contains("replication.https.certfile = /"));
+                    let mut replication_addr = None;
+                    if replication_on {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        while let Ok(next) = rx.recv_timeout(left) {
+                            if let Some(rest) = next.split("replication on https://").nth(1) {
+                                replication_addr =
+                                    rest.split([',', ' ']).next().map(str::to_string);
+                                break;
+                            }
+                        }
+                    }
                     let url_after = |marker: &str| {
                         line.split(marker).nth(1).map(|rest| {
                             format!("http://{}", rest.split([',', ' ']).next().unwrap_or(""))
@@ -107,6 +123,7 @@ impl TestNode {
                         log,
                         client_url: url_after("client API on http://").expect("client url"),
                         internal_url: url_after("internal API on http://"),
+                        replication_addr,
                     });
                 }
                 Ok(_) => continue,

@@ -1,0 +1,306 @@
+//! A mesh of real nodes on loopback: a test CA made here with rcgen, one certificate per node
+//! (CN and DNS SAN = its server name, plus `localhost` so peers can reach it at
+//! `https://localhost:<port>`), one shared peers.d written with the real `peer-file` command.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::{json, Value};
+
+use crate::harness::{base_config, client, run_to_exit, signal, TestNode};
+
+pub struct TestCa {
+    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A node certificate usable as server and client: (certificate PEM, key PEM).
+    pub fn node_cert(&self, name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec![name.to_string(), "localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes `<dir>/ca.pem` and `<dir>/<name>.pem` (key + certificate, Sydent's combined
+    /// form). Returns (certfile, cacert).
+    pub fn write_node_files(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.node_cert(name);
+        let certfile = dir.join(format!("{name}.pem"));
+        std::fs::write(&certfile, format!("{key}{cert}")).unwrap();
+        let cacert = dir.join("ca.pem");
+        std::fs::write(&cacert, &self.cert_pem).unwrap();
+        (certfile, cacert)
+    }
+}
+
+/// A node's config with replication on: its certificate, the mesh CA and the shared peers.d.
+pub fn mesh_config(
+    dir: &Path,
+    name: &str,
+    peers_dir: &Path,
+    certfile: &Path,
+    cacert: &Path,
+) -> String {
+    base_config(dir, name)
+        .replacen(
+            "[general]\n",
+            &format!(
+                "[general]\npeers.path = {}\nlog.level = DEBUG\n",
+                peers_dir.display()
+            ),
+            1,
+        )
+        .replacen(
+            "[http]\n",
+            &format!(
+                "[http]\nreplication.https.certfile = {}\nreplication.https.cacert = {}\n\
+                 replication.https.bind_address = 127.0.0.1\nreplication.https.port = 0\n",
+                certfile.display(),
+                cacert.display()
+            ),
+            1,
+        )
+}
+
+pub struct MeshNode {
+    pub name: String,
+    pub dir: PathBuf,
+    pub node: Option<TestNode>,
+}
+
+impl MeshNode {
+    pub fn node(&self) -> &TestNode {
+        self.node.as_ref().expect("node running")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("sydent.conf")
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("sydent.db")
+    }
+}
+
+#[allow(dead_code)] // root and ca live as long as the mesh
+pub struct Mesh {
+    pub root: tempfile::TempDir,
+    pub ca: TestCa,
+    pub peers_dir: PathBuf,
+    pub nodes: Vec<MeshNode>,
+}
+
+impl Mesh {
+    /// Starts `names.len()` nodes, then introduces them to each other through peers.d.
+    pub async fn start(names: &[&str]) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("sydent-rs test mesh CA");
+        let peers_dir = root.path().join("peers.d");
+        std::fs::create_dir(&peers_dir).unwrap();
+        let mut nodes = Vec::new();
+        for name in names {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let (certfile, cacert) = ca.write_node_files(&dir, name);
+            std::fs::write(
+                dir.join("sydent.conf"),
+                mesh_config(&dir, name, &peers_dir, &certfile, &cacert),
+            )
+            .unwrap();
+            let node = TestNode::start(&dir, &dir.join("sydent.conf"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            nodes.push(MeshNode {
+                name: name.to_string(),
+                dir,
+                node: Some(node),
+            });
+        }
+        let mesh = Self {
+            root,
+            ca,
+            peers_dir,
+            nodes,
+        };
+        for i in 0..mesh.nodes.len() {
+            mesh.write_peer_file(i);
+        }
+        mesh.hup_all();
+        for i in 0..mesh.nodes.len() {
+            mesh.wait_for_peers(i, mesh.nodes.len() - 1).await;
+        }
+        mesh
+    }
+
+    pub fn peer_file_path(&self, i: usize) -> PathBuf {
+        self.peers_dir.join(format!("{}.conf", self.nodes[i].name))
+    }
+
+    /// Writes node `i`'s peers.d file with the real `peer-file` command.
+    pub fn write_peer_file(&self, i: usize) {
+        let n = &self.nodes[i];
+        let url = format!(
+            "https://localhost:{}",
+            port_of(
+                n.node()
+                    .replication_addr
+                    .as_deref()
+                    .expect("replication on")
+            )
+        );
+        let (code, out, err) = run_to_exit(
+            &n.dir,
+            &[
+                "--config",
+                n.config_path().to_str().unwrap(),
+                "peer-file",
+                "--url",
+                &url,
+            ],
+        );
+        assert_eq!(code, Some(0), "peer-file failed: {err}");
+        std::fs::write(self.peer_file_path(i), out).unwrap();
+    }
+
+    pub fn hup_all(&self) {
+        for n in &self.nodes {
+            if let Some(node) = &n.node {
+                signal(node.pid(), "HUP");
+            }
+        }
+    }
+
+    /// Waits until node `i` lists `count` peers on its status page.
+    pub async fn wait_for_peers(&self, i: usize, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status(i).await;
+            if status["peers"].as_object().map_or(0, |p| p.len()) == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never saw {count} peers: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status(&self, i: usize) -> Value {
+        let url = format!(
+            "{}/_matrix/identity/internal/replication",
+            self.nodes[i].node().internal()
+        );
+        client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Restarts node `i` on the same directory (a new replication port: its peer file is
+    /// rewritten and the others are told).
+    pub fn restart(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let node =
+            TestNode::start(&n.dir, &n.config_path()).unwrap_or_else(|e| panic!("restart: {e}"));
+        n.node = Some(node);
+        self.write_peer_file(i);
+        self.hup_all();
+    }
+
+    pub async fn bind(&self, i: usize, address: &str, mxid: &str) -> Value {
+        let (status, body) = self.nodes[i]
+            .node()
+            .internal_post(
+                "/_matrix/identity/internal/bind",
+                &json!({"medium": "email", "address": address, "mxid": mxid}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn unbind(&self, i: usize, address: &str, mxid: &str) {
+        let (status, body) = self.nodes[i]
+            .node()
+            .internal_post(
+                "/_matrix/identity/internal/unbind",
+                &json!({"medium": "email", "address": address, "mxid": mxid}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// The mxid node `i` answers for `address` (None: no binding).
+    pub async fn lookup(&self, i: usize, address: &str) -> Option<String> {
+        let (status, body) = self.nodes[i]
+            .node()
+            .get(&format!(
+                "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+                address.replace('@', "%40")
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["mxid"].as_str().map(str::to_string)
+    }
+
+    /// Waits until every node in `on` answers `expected` for `address`.
+    pub async fn wait_lookup(&self, on: &[usize], address: &str, expected: Option<&str>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &i in on {
+            loop {
+                let got = self.lookup(i, address).await;
+                if got.as_deref() == expected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} answers {got:?} for {address}, expected {expected:?}; its log:\n{}",
+                    self.nodes[i].name,
+                    tail(&self.nodes[i].node().log_text())
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}

@@ -1,0 +1,403 @@
+//! The mesh: real nodes replicating over mutual TLS with certificates from a CA made in the
+//! test, peers introduced through a shared peers.d.
+
+pub mod harness;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::{json, Map, Value};
+use sydent_rs::association::ThreepidAssociation;
+use sydent_rs::crypto::NodeSigningKey;
+use sydent_rs::mesh::peers::peer_file_text;
+use sydent_rs::mesh::tls::MeshTls;
+
+use crate::harness::TestNode;
+use crate::internal_bind::sqlite_rows;
+use harness::{mesh_config, port_of, Mesh, TestCa};
+
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+/// Rows of `origin` in a node's global table: (count, distinct origin ids).
+fn origin_rows(db: &std::path::Path, origin: &str) -> (usize, usize) {
+    let row = sqlite_rows(
+        db,
+        &format!(
+            "SELECT COUNT(*) || ' ' || COUNT(DISTINCT originId) AS v FROM global_threepid_associations WHERE originServer = '{origin}'"
+        ),
+    );
+    let mut parts = row[0].split(' ').map(|n| n.parse().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+async fn wait_origin_rows(mesh: &Mesh, i: usize, origin: &str, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (count, distinct) = origin_rows(&mesh.nodes[i].db(), origin);
+        assert_eq!(count, distinct, "duplicate rows of {origin} on node {i}");
+        if count == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} has {count} of {expected} rows from {origin}; status: {}",
+            mesh.nodes[i].name,
+            mesh.status(i).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `count` binds on node `i`, 50 at a time: `<prefix><n>@example.com` → `@<prefix><n>:a.test`.
+async fn bind_many(mesh: &Mesh, i: usize, prefix: &str, count: usize) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(50) {
+        join_all(chunk.iter().map(|n| {
+            let address = format!("{prefix}{n}@example.com");
+            let mxid = format!("@{prefix}{n}:a.test");
+            async move { mesh.bind(i, &address, &mxid).await }
+        }))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn binds_unbinds_and_rebinds_reach_every_node() {
+    let mesh = Mesh::start(&["a.test", "b.test", "c.test"]).await;
+
+    // A bind on A, then on the others within moments (event-driven, no timer).
+    let started = Instant::now();
+    let signed = mesh.bind(A, "x@example.com", "@x:a.test").await;
+    mesh.wait_lookup(&[B, C], "x@example.com", Some("@x:a.test"))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // B serves A's association with A's signature intact.
+    let (_, on_b) = mesh.nodes[B]
+        .node()
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=x%40example.com")
+        .await;
+    assert_eq!(on_b["signatures"]["a.test"], signed["signatures"]["a.test"]);
+    assert!(
+        on_b["signatures"]["b.test"].is_object(),
+        "B countersigns: {on_b}"
+    );
+
+    // A later rebind of the same 3PID on B wins everywhere.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    mesh.bind(B, "x@example.com", "@x:b.test").await;
+    mesh.wait_lookup(&[A, B, C], "x@example.com", Some("@x:b.test"))
+        .await;
+
+    // B's unbind removes only B's binding: A's (still valid) shows again everywhere. Sydent
+    // would delete every origin's rows.
+    mesh.unbind(B, "x@example.com", "@x:b.test").await;
+    mesh.wait_lookup(&[A, B, C], "x@example.com", Some("@x:a.test"))
+        .await;
+
+    // A's unbind: gone everywhere.
+    mesh.unbind(A, "x@example.com", "@x:a.test").await;
+    mesh.wait_lookup(&[A, B, C], "x@example.com", None).await;
+    for i in [B, C] {
+        assert_eq!(origin_rows(&mesh.nodes[i].db(), "a.test"), (0, 0));
+    }
+
+    // A rebind on the origin replaces its older row on the peers too.
+    mesh.bind(C, "y@example.com", "@old:c.test").await;
+    mesh.bind(C, "y@example.com", "@new:c.test").await;
+    mesh.wait_lookup(&[A, B], "y@example.com", Some("@new:c.test"))
+        .await;
+    for i in [A, B] {
+        assert_eq!(
+            sqlite_rows(&mesh.nodes[i].db(), "SELECT mxid AS v FROM global_threepid_associations WHERE address = 'y@example.com'"),
+            ["@new:c.test"]
+        );
+    }
+
+    // The status page shows each peer caught up.
+    let status = mesh.status(A).await;
+    let peers = status["peers"].as_object().unwrap();
+    assert_eq!(peers.keys().collect::<Vec<_>>(), ["b.test", "c.test"]);
+    for peer in peers.values() {
+        assert_eq!(peer["backlog"], 0, "{status}");
+        assert_eq!(peer["cursor"], status["local_id"], "{status}");
+        assert!(peer["last_success_ts"].is_i64(), "{status}");
+        assert!(peer["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/_matrix/identity/replicate/v1/push"));
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_was_down_catches_up_without_loss_or_duplicates() {
+    let mut mesh = Mesh::start(&["a.test", "b.test", "c.test"]).await;
+    let status = mesh.nodes[B].node.as_mut().unwrap().stop();
+    assert!(status.success());
+
+    // 1,000 binds on A while B is down.
+    bind_many(&mesh, A, "u", 1000).await;
+    // C has them all already; A reports B's backlog and the failure.
+    wait_origin_rows(&mesh, C, "a.test", 1000).await;
+    let status = mesh.status(A).await;
+    let b = &status["peers"]["b.test"];
+    assert!(
+        b["backlog"].as_i64().unwrap() > 0 || b["state"] == "retrying",
+        "{status}"
+    );
+    assert!(b["last_error"].is_string(), "{status}");
+
+    // B comes back (on a new port: its peer file changes, the others rescan).
+    mesh.restart(B);
+    wait_origin_rows(&mesh, B, "a.test", 1000).await;
+    mesh.wait_lookup(&[B], "u999@example.com", Some("@u999:a.test"))
+        .await;
+    mesh.wait_lookup(&[B], "u0@example.com", Some("@u0:a.test"))
+        .await;
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_push_converges_after_restart() {
+    let mut mesh = Mesh::start(&["a.test", "b.test"]).await;
+    // Bind 2,000 and kill A the moment the last bind is acknowledged: pushes are in flight.
+    bind_many(&mesh, A, "k", 2000).await;
+    mesh.nodes[A].node.as_mut().unwrap().kill();
+    let (before, _) = origin_rows(&mesh.nodes[B].db(), "a.test");
+    mesh.restart(A);
+    eprintln!("B had {before} of 2000 rows when A was killed");
+    wait_origin_rows(&mesh, B, "a.test", 2000).await;
+}
+
+/// A client that presents `name`'s certificate from `ca`.
+fn peer_client(ca: &TestCa, dir: &std::path::Path, name: &str) -> reqwest::Client {
+    let (certfile, cacert) = ca.write_node_files(dir, name);
+    let tls = MeshTls::from_files(&certfile, None, Some(&cacert)).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls.client_config().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn signed(address: &str, mxid: Option<&str>, ts: i64, origin: &str, key: &NodeSigningKey) -> Value {
+    let assoc = match mxid {
+        Some(mxid) => ThreepidAssociation::binding("email", address, mxid, ts),
+        None => ThreepidAssociation::tombstone("email", address, ts),
+    };
+    Value::Object(assoc.signed(origin, key).unwrap())
+}
+
+#[tokio::test]
+async fn the_receiver_verifies_peers_and_signatures() {
+    crate::harness::client(); // installs the rustls provider
+    let root = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mesh CA");
+    let peers_dir = root.path().join("peers.d");
+    std::fs::create_dir(&peers_dir).unwrap();
+    let dir = root.path().join("node");
+    std::fs::create_dir(&dir).unwrap();
+    let (certfile, cacert) = ca.write_node_files(&dir, "node.test");
+    // A separate key file works too (replication.https.keyfile).
+    let pem = std::fs::read_to_string(&certfile).unwrap();
+    let split = pem.find("-----BEGIN CERTIFICATE").unwrap();
+    std::fs::write(dir.join("key.pem"), &pem[..split]).unwrap();
+    std::fs::write(&certfile, &pem[split..]).unwrap();
+    let config = mesh_config(&dir, "node.test", &peers_dir, &certfile, &cacert).replacen(
+        "[http]\n",
+        &format!(
+            "[http]\nreplication.https.keyfile = {}\n",
+            dir.join("key.pem").display()
+        ),
+        1,
+    );
+    // The rogue peer is known (peers.d) with this key; its URL goes nowhere.
+    let rogue_key = NodeSigningKey::generate();
+    std::fs::write(
+        peers_dir.join("rogue.conf"),
+        peer_file_text("rogue.test", "https://localhost:9", &rogue_key.verify_key()),
+    )
+    .unwrap();
+    let node = TestNode::start_with_config(&dir, &config);
+    let url = format!(
+        "https://localhost:{}/_matrix/identity/replicate/v1/push",
+        port_of(node.replication_addr.as_deref().unwrap())
+    );
+    let rogue = peer_client(&ca, &root.path().join("node"), "rogue.test");
+    let lookup = |address: &str| {
+        let path = format!(
+            "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+            address.replace('@', "%40")
+        );
+        let node = &node;
+        async move { node.get(&path).await.1 }
+    };
+
+    // One forged signature among valid ones: 400, its id named, nothing of the batch stored.
+    let now = sydent_rs::now_ms();
+    let forger = NodeSigningKey::generate();
+    let body = json!({"sgAssocs": {
+        "1": signed("p1@example.com", Some("@p1:rogue.test"), now, "rogue.test", &rogue_key),
+        "2": signed("p2@example.com", Some("@p2:rogue.test"), now, "rogue.test", &forger),
+        "3": signed("p3@example.com", Some("@p3:rogue.test"), now, "rogue.test", &rogue_key),
+    }});
+    let resp = rogue.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["errcode"], "M_VERIFICATION_FAILED");
+    assert_eq!(answer["failed_ids"], json!(["2"]));
+    for address in ["p1@example.com", "p3@example.com"] {
+        assert_eq!(
+            lookup(address).await,
+            json!({}),
+            "{address} must not be stored"
+        );
+    }
+    assert_eq!(origin_rows(&dir.join("sydent.db"), "rogue.test"), (0, 0));
+
+    // The same batch, honestly signed, with `charset` in the Content-Type: stored, and a
+    // re-send is idempotent.
+    let mut assocs = Map::new();
+    for (id, n) in [("1", 1), ("2", 2), ("3", 3)] {
+        let address = format!("p{n}@example.com");
+        assocs.insert(
+            id.into(),
+            signed(
+                &address,
+                Some(&format!("@p{n}:rogue.test")),
+                now,
+                "rogue.test",
+                &rogue_key,
+            ),
+        );
+    }
+    let body = Value::Object(
+        [("sgAssocs".to_string(), Value::Object(assocs))]
+            .into_iter()
+            .collect(),
+    )
+    .to_string();
+    for _ in 0..2 {
+        let resp = rogue
+            .post(&url)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.json::<Value>().await.unwrap(),
+            json!({"success": true})
+        );
+    }
+    assert_eq!(lookup("p2@example.com").await["mxid"], "@p2:rogue.test");
+    assert_eq!(origin_rows(&dir.join("sydent.db"), "rogue.test"), (3, 3));
+
+    // A tombstone removes the origin's row; an older binding replayed after it stays out.
+    let resp = rogue
+        .post(&url)
+        .json(&json!({"sgAssocs": {"4": signed("p1@example.com", None, now + 1, "rogue.test", &rogue_key)}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(lookup("p1@example.com").await, json!({}));
+
+    // Not JSON, or no sgAssocs: M_BAD_JSON.
+    for bad in ["not json", "{\"other\": 1}", "[]"] {
+        let resp = rogue
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .body(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(
+            resp.json::<Value>().await.unwrap()["errcode"],
+            "M_BAD_JSON",
+            "{bad}"
+        );
+    }
+
+    // A valid certificate naming a server that is not a peer: 403 M_UNKNOWN_PEER.
+    let stranger = peer_client(&ca, &root.path().join("node"), "stranger.test");
+    let resp = stranger
+        .post(&url)
+        .json(&json!({"sgAssocs": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["errcode"],
+        "M_UNKNOWN_PEER"
+    );
+
+    // A certificate from another CA, even naming a real peer: refused in the handshake.
+    let other_dir = root.path().join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let other_ca = TestCa::new("another CA");
+    let (other_cert, _) = other_ca.write_node_files(&other_dir, "rogue.test");
+    // Trust our mesh CA for the server, present the other CA's certificate.
+    let tls = MeshTls::from_files(&other_cert, None, Some(&cacert)).unwrap();
+    let impostor = reqwest::Client::builder()
+        .use_preconfigured_tls(tls.client_config().unwrap())
+        .build()
+        .unwrap();
+    let result = impostor
+        .post(&url)
+        .json(&json!({"sgAssocs": {}}))
+        .send()
+        .await;
+    assert!(result.is_err(), "the handshake must fail: {result:?}");
+    // And no certificate at all.
+    let anonymous = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    assert!(anonymous.post(&url).json(&json!({})).send().await.is_err());
+}
+
+#[tokio::test]
+async fn peer_files_added_and_removed_at_run_time() {
+    let mesh = Mesh::start(&["a.test", "b.test", "c.test"]).await;
+    // C's file goes: A and B stop pushing to C (and refuse C's pushes).
+    std::fs::remove_file(mesh.peer_file_path(C)).unwrap();
+    mesh.hup_all();
+    mesh.wait_for_peers(A, 1).await;
+    mesh.wait_for_peers(B, 1).await;
+    mesh.bind(A, "late@example.com", "@late:a.test").await;
+    mesh.wait_lookup(&[B], "late@example.com", Some("@late:a.test"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mesh.lookup(C, "late@example.com").await, None);
+    mesh.bind(C, "fromc@example.com", "@c:c.test").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = mesh.status(C).await;
+        if status["peers"]["a.test"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("M_UNKNOWN_PEER"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C should see its pushes refused: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mesh.lookup(A, "fromc@example.com").await, None);
+
+    // The file is back (found by the periodic rescan, no signal): C catches up both ways.
+    mesh.write_peer_file(C);
+    mesh.wait_lookup(&[C], "late@example.com", Some("@late:a.test"))
+        .await;
+    mesh.wait_lookup(&[A, B], "fromc@example.com", Some("@c:c.test"))
+        .await;
+}
