@@ -63,7 +63,7 @@ python3 - "$DIR/bulk.lua" <<'PY'
 import json, sys
 pairs = [["email", f"seed-{i*7 % 20000}@example.org"] for i in range(1000)]
 body = json.dumps({"threepids": pairs})
-open(sys.argv[1], "w").write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[%s]]\n' % body)
+open(sys.argv[1], "w").write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [==[%s]==]\n' % body)
 PY
 
 seed() { # seed FROM TO: binds seed-FROM..seed-(TO-1) through the internal API, 64 in flight
@@ -94,9 +94,11 @@ RSS_KB=$(awk '/VmRSS/ {print $2}' /proc/$NODE/status)
 echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, $WORKERS worker(s), $CONNS connections, $DURATION each"
 printf "%-34s %10s MB\n" "idle RSS with 10,000 bindings" "$((RSS_KB / 1024))"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (10k rows, 50% hits)"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (10k+ rows)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (10k rows)"
 echo "seeding to 100,000 bindings..."
 seed 10000 100000
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (100k+ rows)"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (100k+ rows)"
+ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db")
+echo "rows now: $ROWS"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (100k rows)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (100k rows)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind"

@@ -26,7 +26,11 @@ and flushed:
     SYDENT READY name=<server name> client=http://127.0.0.1:<p> internal=http://127.0.0.1:<p>
         replication=https://127.0.0.1:<p> verify_key=<unpadded base64 ed25519 public key>
 
-(on a single line). Anything else on stdout (Sydent prints a few "WARNING:" lines) can be
+(on a single line). The ports are the ones actually bound, so any of --client-port,
+--internal-port and --replication-port may be 0 (the kernel picks a free port) and be read back
+from this line. --internal-port omitted = no internal API; --certfile omitted = no replication
+listener and no pushes. Anything else on stdout (Sydent prints a "WARNING:" line about the
+missing templates directory) can be
 ignored. Sydent's own log goes to DIR/sydent.log unless --log-file says otherwise ('-' =
 stderr). If a port is taken, the process exits non-zero before printing the READY line.
 
@@ -81,6 +85,21 @@ def parse_peer(spec):
     key = key.rstrip("=")
     if not name or not key:
         raise SystemExit(f"--peer {spec!r}: NAME and PUBKEY must not be empty")
+    # Sydent decodes every peer key on every push tick; one undecodable key makes the tick raise,
+    # which stops the push loop for all peers until restart. Refuse such keys here.
+    from unpaddedbase64 import decode_base64
+
+    try:
+        raw = decode_base64(key)
+    except Exception:
+        raw = b""
+    if len(raw) != 32:
+        raise SystemExit(f"--peer {spec!r}: PUBKEY must be a 32-byte ed25519 key in base64")
+    try:
+        int(key, 16)
+        raise SystemExit(f"--peer {spec!r}: Sydent would read this all-hex key as hex")
+    except ValueError:
+        pass
     port = None
     if url:
         parts = urlsplit(url)
@@ -114,7 +133,7 @@ def write_config(args, conf_path, db_path, signing_key_text, peers):
         "clientapi.http.bind_address": args.bind_address,
         "clientapi.http.port": str(args.client_port),
         "internalapi.http.bind_address": args.bind_address,
-        "internalapi.http.port": str(args.internal_port) if args.internal_port else "",
+        "internalapi.http.port": "" if args.internal_port is None else str(args.internal_port),
         "replication.https.certfile": args.certfile or "",
         "replication.https.cacert": args.cacert or "",
         "replication.https.bind_address": args.bind_address,
@@ -201,19 +220,33 @@ def run_sydent(conf_path, args, verify_key):
     setup_logging(config)
     syd = Sydent(config)
 
+    # Record the ports Sydent actually binds (so a port of 0 works): Sydent calls listenTCP for
+    # the client API and then for the internal API, and listenSSL for replication.
+    bound = {"tcp": [], "ssl": []}
+
+    def recording(kind, listen):
+        def wrapper(*a, **kw):
+            port = listen(*a, **kw)
+            bound[kind].append(port.getHost().port)
+            return port
+
+        return wrapper
+
+    reactor.listenTCP = recording("tcp", reactor.listenTCP)
+    reactor.listenSSL = recording("ssl", reactor.listenSSL)
+
     host = args.bind_address
     if ":" in host:
         host = f"[{host}]"
 
     def ready():
-        fields = [
-            f"name={args.server_name}",
-            f"client=http://{host}:{args.client_port}",
-        ]
-        if args.internal_port:
-            fields.append(f"internal=http://{host}:{args.internal_port}")
-        if args.certfile:
-            fields.append(f"replication=https://{host}:{args.replication_port}")
+        # listenSSL is built on listenTCP, so the replication port shows up in both lists.
+        bound["tcp"] = [p for p in bound["tcp"] if p not in bound["ssl"]]
+        fields = [f"name={args.server_name}", f"client=http://{host}:{bound['tcp'][0]}"]
+        if len(bound["tcp"]) > 1:
+            fields.append(f"internal=http://{host}:{bound['tcp'][1]}")
+        if bound["ssl"]:
+            fields.append(f"replication=https://{host}:{bound['ssl'][0]}")
         fields.append(f"verify_key={verify_key}")
         print("SYDENT READY " + " ".join(fields), flush=True)
 
@@ -229,7 +262,7 @@ def main():
     ap.add_argument("--bind-address", default="127.0.0.1")
     ap.add_argument("--client-port", type=int)
     ap.add_argument("--internal-port", type=int)
-    ap.add_argument("--replication-port", type=int, default=4434)
+    ap.add_argument("--replication-port", type=int, default=0)
     ap.add_argument("--certfile", help="one PEM file holding the private key and the certificate")
     ap.add_argument("--cacert", help="PEM CA certificate: trust root for both directions")
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=URL=PUBKEY")

@@ -72,10 +72,7 @@ pub fn mesh_config(
     base_config(dir, name)
         .replacen(
             "[general]\n",
-            &format!(
-                "[general]\npeers.path = {}\nlog.level = DEBUG\n",
-                peers_dir.display()
-            ),
+            &format!("[general]\npeers.path = {}\n", peers_dir.display()),
             1,
         )
         .replacen(

@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS global_threepid_medium_address_origin;
