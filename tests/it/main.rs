@@ -9,4 +9,5 @@ mod errors;
 mod internal_bind;
 mod mesh;
 mod sydent_db;
+mod sydent_interop;
 mod vectors;

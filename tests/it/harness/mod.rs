@@ -16,13 +16,20 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_sydent-rs");
 /// How long a node may take to start (a debug build on a busy 2-core machine).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One HTTP client for the tests (plain HTTP; the rustls provider must be chosen first).
+/// The HTTP client for the tests (plain HTTP; the rustls provider must be chosen first). One
+/// per test thread: building a client loads the system roots, far slower than a request, and
+/// its pooled connections belong to the test's runtime.
 pub fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("reqwest client builds")
+    thread_local! {
+        static CLIENT: reqwest::Client = {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("reqwest client builds")
+        };
+    }
+    CLIENT.with(reqwest::Client::clone)
 }
 
 /// The config lines every test node gets: loopback, OS-picked ports, files in its own dir.

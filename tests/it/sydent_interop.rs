@@ -1,0 +1,341 @@
+//! Interop with a real Sydent 2.6.1 (installed into a venv by `tests/sydent/setup.sh`):
+//! a sydent-rs node and a Sydent node replicate to each other over mutual TLS, both ways,
+//! binds and unbinds. Facts about Sydent's side: tests/sydent/NOTES.md.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sydent_rs::crypto::NodeSigningKey;
+use sydent_rs::mesh::peers::peer_file_text;
+
+use crate::harness::{client, signal, wait_with_deadline, TestNode};
+use crate::mesh::harness::{mesh_config, port_of, TestCa};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the idempotent setup and returns the venv's python.
+fn sydent_python() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("tests/sydent/setup.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "tests/sydent/setup.sh failed: Sydent 2.6.1 could not be installed (needs python3 and pip)"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("python path").trim())
+}
+
+struct SydentNode {
+    child: Child,
+    client: String,
+    internal: String,
+    replication_port: u16,
+    dir: PathBuf,
+}
+
+impl SydentNode {
+    fn start(
+        python: &Path,
+        dir: &Path,
+        certfile: &Path,
+        cacert: &Path,
+        key: &NodeSigningKey,
+        peer: &str,
+    ) -> Self {
+        let mut child = Command::new(python)
+            .arg(repo().join("tests/sydent/run_sydent.py"))
+            .args([
+                "--dir",
+                dir.to_str().unwrap(),
+                "--server-name",
+                "sydent.test",
+            ])
+            .args([
+                "--client-port",
+                "0",
+                "--internal-port",
+                "0",
+                "--replication-port",
+                "0",
+            ])
+            .args([
+                "--certfile",
+                certfile.to_str().unwrap(),
+                "--cacert",
+                cacert.to_str().unwrap(),
+            ])
+            .args(["--signing-key", &key.to_sydent_string(), "--peer", peer])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start Sydent");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let ready = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.starts_with("SYDENT READY") => break line,
+                Ok(_) => continue,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log = std::fs::read_to_string(dir.join("sydent.log")).unwrap_or_default();
+                    panic!("Sydent did not start; its log:\n{log}");
+                }
+            }
+        };
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {ready}"))
+                .to_string()
+        };
+        let replication = field("replication");
+        assert_eq!(field("verify_key"), key.verify_key().to_base64());
+        Self {
+            client: field("client"),
+            internal: field("internal"),
+            replication_port: port_of(replication.trim_end_matches('/')),
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn lookup(&self, address: &str) -> Value {
+        let url = format!(
+            "{}/_matrix/identity/api/v1/lookup?medium=email&address={}",
+            self.client,
+            address.replace('@', "%40")
+        );
+        client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn internal(&self, what: &str, address: &str, mxid: &str) -> Value {
+        let url = format!("{}/_matrix/identity/internal/{what}", self.internal);
+        let resp = client()
+            .post(url)
+            .json(&json!({"medium": "email", "address": address, "mxid": mxid}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+}
+
+impl Drop for SydentNode {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        wait_with_deadline(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+/// Polls `f` until it yields `expected` (Sydent pushes on a 10 s timer: allow three ticks).
+async fn eventually<F, Fut>(what: &str, expected: Option<&str>, mut f: F, log: impl Fn() -> String)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let deadline = Instant::now() + Duration::from_secs(35);
+    loop {
+        let got = f().await;
+        if got["mxid"].as_str() == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {got}; logs:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn replicates_both_ways_with_a_real_sydent() {
+    let python = sydent_python();
+    let root = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("interop CA");
+    let peers_dir = root.path().join("peers.d");
+    std::fs::create_dir(&peers_dir).unwrap();
+
+    // sydent-rs first (its replication port is picked at start).
+    let rust_dir = root.path().join("rust");
+    std::fs::create_dir(&rust_dir).unwrap();
+    let (certfile, cacert) = ca.write_node_files(&rust_dir, "rust.test");
+    let rust = TestNode::start_with_config(
+        &rust_dir,
+        &mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert),
+    );
+    let rust_port = port_of(rust.replication_addr.as_deref().unwrap());
+    let (code, rust_peer_file, err) = crate::harness::run_to_exit(
+        &rust_dir,
+        &[
+            "--config",
+            rust_dir.join("sydent.conf").to_str().unwrap(),
+            "peer-file",
+            "--url",
+            "https://localhost:1",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let rust_key = rust_peer_file
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = "))
+        .unwrap()
+        .to_string();
+
+    // Sydent, with sydent-rs in its peers table (Sydent's way: SQL rows, made by the launcher).
+    let sydent_dir = root.path().join("sydent");
+    std::fs::create_dir(&sydent_dir).unwrap();
+    let (sydent_cert, sydent_ca) = ca.write_node_files(&sydent_dir, "sydent.test");
+    let sydent_key = NodeSigningKey::generate();
+    let sydent = SydentNode::start(
+        &python,
+        &sydent_dir,
+        &sydent_cert,
+        &sydent_ca,
+        &sydent_key,
+        &format!("rust.test=https://localhost:{rust_port}={rust_key}"),
+    );
+    // ...and Sydent in sydent-rs's peers.d (our way).
+    std::fs::write(
+        peers_dir.join("sydent.conf"),
+        peer_file_text(
+            "sydent.test",
+            &format!("https://localhost:{}", sydent.replication_port),
+            &sydent_key.verify_key(),
+        ),
+    )
+    .unwrap();
+    signal(rust.pid(), "HUP");
+    let logs = || {
+        format!(
+            "--- sydent-rs:\n{}\n--- Sydent:\n{}",
+            crate::mesh::harness::tail(&rust.log_text()),
+            crate::mesh::harness::tail(
+                &std::fs::read_to_string(sydent.dir.join("sydent.log")).unwrap_or_default()
+            )
+        )
+    };
+    // Mxids on localhost:1: Sydent calls the mxid's homeserver on bind, and loopback is in its
+    // outbound blocklist, so nothing leaves the machine (NOTES.md g).
+    let rust_lookup = |address: &'static str| {
+        let rust = &rust;
+        move || async move {
+            rust.get(&format!(
+                "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+                address.replace('@', "%40")
+            ))
+            .await
+            .1
+        }
+    };
+
+    // sydent-rs → Sydent: a bind, pushed at once; Sydent verifies our signature and serves it.
+    let (status, signed) = rust
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "Rusty@Example.com", "mxid": "@rusty:localhost:1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(
+        "Sydent sees the sydent-rs bind",
+        Some("@rusty:localhost:1"),
+        || sydent.lookup("rusty@example.com"),
+        logs,
+    )
+    .await;
+    let on_sydent = sydent.lookup("rusty@example.com").await;
+    assert_eq!(
+        on_sydent["signatures"]["rust.test"],
+        signed["signatures"]["rust.test"]
+    );
+    assert!(
+        on_sydent["signatures"]["sydent.test"].is_object(),
+        "{on_sydent}"
+    );
+
+    // Sydent → sydent-rs: a bind, pushed on Sydent's next tick.
+    let from_sydent = sydent
+        .internal("bind", "py@example.com", "@py:localhost:1")
+        .await;
+    eventually(
+        "sydent-rs sees the Sydent bind",
+        Some("@py:localhost:1"),
+        rust_lookup("py@example.com"),
+        logs,
+    )
+    .await;
+    let (_, on_rust) = rust
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=py%40example.com")
+        .await;
+    assert_eq!(
+        on_rust["signatures"]["sydent.test"],
+        from_sydent["signatures"]["sydent.test"]
+    );
+
+    // Unbinds both ways: tombstones from either implementation are understood by the other.
+    sydent
+        .internal("unbind", "py@example.com", "@py:localhost:1")
+        .await;
+    let (status, _) = rust
+        .internal_post(
+            "/_matrix/identity/internal/unbind",
+            &json!({"medium": "email", "address": "rusty@example.com", "mxid": "@rusty:localhost:1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(
+        "Sydent drops the unbound address",
+        None,
+        || sydent.lookup("rusty@example.com"),
+        logs,
+    )
+    .await;
+    eventually(
+        "sydent-rs drops the unbound address",
+        None,
+        rust_lookup("py@example.com"),
+        logs,
+    )
+    .await;
+
+    // sydent-rs's status page shows Sydent caught up.
+    let status: Value = client()
+        .get(format!(
+            "{}/_matrix/identity/internal/replication",
+            rust.internal()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["peers"]["sydent.test"]["cursor"], status["local_id"],
+        "{status}"
+    );
+    assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
+}
