@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
 
 DURATION=${DURATION:-10s}
-CONNS=${CONNS:-16}
+CONNS=${CONNS:-16}          # lookups: latency matters
+BIND_CONNS=${BIND_CONNS:-64} # binds: throughput (more writers in flight = bigger group commits)
 WORKERS=${WORKERS:-1}
 cargo build --release --quiet
 BIN=target/release/sydent-rs
@@ -101,4 +102,4 @@ ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execut
 echo "rows now: $ROWS"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (100k rows)"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (100k rows)"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind"
+wrk -t2 -c"$BIND_CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind ($BIND_CONNS connections)"

@@ -6,8 +6,10 @@
 //! change here right after the transaction that made it commits, and before it answers the
 //! request, so a client reads its own writes and never sees an uncommitted one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
+
+use serde_json::{Map, Value};
 
 use crate::db::GlobalRow;
 use crate::types::{Medium, Threepid};
@@ -15,6 +17,7 @@ use crate::types::{Medium, Threepid};
 /// One origin's binding of a 3PID.
 #[derive(Debug, Clone)]
 pub struct IndexedBinding {
+    /// Interned: one allocation per origin server, not per binding.
     pub origin_server: Arc<str>,
     pub origin_id: i64,
     /// The address as stored (normalised), which bulk_lookup answers with.
@@ -23,38 +26,92 @@ pub struct IndexedBinding {
     pub ts: i64,
     pub not_before: i64,
     pub not_after: i64,
-    /// The signed association as the origin signed it (`sgAssoc`).
-    pub signed_json: Box<str>,
+    signed: Signed,
+}
+
+/// The signed association. Almost always it is exactly the row's fields plus `signatures`,
+/// so only the signatures are kept (a third of the size); anything else is kept whole.
+#[derive(Debug, Clone)]
+enum Signed {
+    /// The `signatures` object, as JSON text.
+    Signatures(Box<str>),
+    /// The whole association as stored (extra fields, an unnormalised address…).
+    Whole(Box<str>),
+}
+
+impl Signed {
+    fn from_row(row: &GlobalRow) -> Self {
+        let whole = || Self::Whole(row.sg_assoc.as_str().into());
+        let Ok(object) = serde_json::from_str::<Map<String, Value>>(&row.sg_assoc) else {
+            return whole();
+        };
+        let matches = object.len() == 7
+            && object.get("medium").and_then(Value::as_str) == Some(row.medium.as_str())
+            && object.get("address").and_then(Value::as_str) == Some(row.address.as_str())
+            && object.get("mxid").and_then(Value::as_str) == Some(row.mxid.as_str())
+            && object.get("ts").and_then(Value::as_i64) == Some(row.ts)
+            && object.get("not_before").and_then(Value::as_i64) == Some(row.not_before)
+            && object.get("not_after").and_then(Value::as_i64) == Some(row.not_after);
+        match object.get("signatures") {
+            Some(signatures @ Value::Object(_)) if matches => {
+                Self::Signatures(signatures.to_string().into())
+            }
+            _ => whole(),
+        }
+    }
 }
 
 impl IndexedBinding {
-    fn from_row(row: GlobalRow) -> Self {
+    fn from_row(row: GlobalRow, origin: Arc<str>, signatures: Option<Box<str>>) -> Self {
+        let signed = match signatures {
+            Some(signatures) => Signed::Signatures(signatures),
+            None => Signed::from_row(&row),
+        };
         Self {
-            origin_server: row.origin_server.into(),
+            origin_server: origin,
             origin_id: row.origin_id,
             address: row.address.into(),
             mxid: row.mxid.into(),
             ts: row.ts,
             not_before: row.not_before,
             not_after: row.not_after,
-            signed_json: row.sg_assoc.into(),
+            signed,
         }
     }
 
     fn is_valid_at(&self, now_ms: i64) -> bool {
         self.not_before < now_ms && now_ms < self.not_after
     }
+
+    /// The signed association as JSON text (keys sorted, as serde_json writes a map).
+    pub fn signed_json(&self, medium: Medium) -> String {
+        match &self.signed {
+            Signed::Whole(text) => text.to_string(),
+            Signed::Signatures(signatures) => {
+                let quote = |s: &str| Value::String(s.to_owned()).to_string();
+                format!(
+                    "{{\"address\":{},\"medium\":{},\"mxid\":{},\"not_after\":{},\"not_before\":{},\"signatures\":{signatures},\"ts\":{}}}",
+                    quote(&self.address),
+                    quote(medium.as_str()),
+                    quote(&self.mxid),
+                    self.not_after,
+                    self.not_before,
+                    self.ts
+                )
+            }
+        }
+    }
 }
 
-/// The index proper; see [`SharedIndex`] for how it is shared.
+/// Every binding by 3PID (medium + lookup key), one entry per origin.
 #[derive(Debug, Default)]
 pub struct LookupIndex {
     by_threepid: HashMap<(Medium, String), Vec<IndexedBinding>>,
+    origins: HashSet<Arc<str>>,
 }
 
 impl LookupIndex {
-    /// Builds the index from every global row.
-    pub fn from_rows(rows: Vec<GlobalRow>) -> Self {
+    pub fn from_rows(rows: impl IntoIterator<Item = GlobalRow>) -> Self {
         let mut index = Self::default();
         for row in rows {
             index.insert(row);
@@ -62,13 +119,34 @@ impl LookupIndex {
         index
     }
 
-    /// Adds a committed global row, replacing what the same origin said before about that 3PID.
+    fn intern(&mut self, origin: &str) -> Arc<str> {
+        if let Some(known) = self.origins.get(origin) {
+            return Arc::clone(known);
+        }
+        let origin: Arc<str> = origin.into();
+        self.origins.insert(Arc::clone(&origin));
+        origin
+    }
+
+    /// Adds a committed row; it replaces the same origin's older binding of that 3PID. A row
+    /// older than the origin's current one is ignored.
     pub fn insert(&mut self, row: GlobalRow) {
+        self.insert_with(row, None);
+    }
+
+    /// [`insert`](Self::insert) for a row whose `sg_assoc` is known to be its fields plus
+    /// `signatures` (JSON text): a bind this node just signed. Skips re-parsing it.
+    pub fn insert_signed(&mut self, row: GlobalRow, signatures: Box<str>) {
+        self.insert_with(row, Some(signatures));
+    }
+
+    fn insert_with(&mut self, row: GlobalRow, signatures: Option<Box<str>>) {
         let Some(medium) = Medium::parse(&row.medium) else {
             return; // a medium this node does not serve; kept in SQLite only
         };
         let key = (medium, Threepid::lookup_key(medium, &row.address));
-        let binding = IndexedBinding::from_row(row);
+        let origin = self.intern(&row.origin_server);
+        let binding = IndexedBinding::from_row(row, origin, signatures);
         let entries = self.by_threepid.entry(key).or_default();
         entries.retain(|b| {
             b.origin_server != binding.origin_server || b.origin_id > binding.origin_id
@@ -79,9 +157,10 @@ impl LookupIndex {
         {
             entries.push(binding);
         }
+        entries.shrink_to_fit();
     }
 
-    /// Removes `origin`'s bindings of a 3PID older than `before_origin_id` (committed tombstone).
+    /// Removes `origin`'s bindings of a 3PID older than `before_origin_id` (its tombstone).
     pub fn remove(&mut self, origin: &str, medium: Medium, address: &str, before_origin_id: i64) {
         let key = (medium, Threepid::lookup_key(medium, address));
         if let Some(entries) = self.by_threepid.get_mut(&key) {
@@ -92,8 +171,7 @@ impl LookupIndex {
         }
     }
 
-    /// The binding a lookup answers with: among the valid ones, the newest `ts` (ties: the
-    /// highest origin id, then the origin name, so every node picks the same one).
+    /// The binding lookups answer: the valid one with the newest `ts`.
     pub fn get(&self, medium: Medium, address: &str, now_ms: i64) -> Option<&IndexedBinding> {
         self.by_threepid
             .get(&(medium, Threepid::lookup_key(medium, address)))?
@@ -104,7 +182,7 @@ impl LookupIndex {
             })
     }
 
-    /// How many 3PIDs have at least one binding (valid or not).
+    /// How many 3PIDs have at least one binding.
     pub fn len(&self) -> usize {
         self.by_threepid.len()
     }
@@ -157,6 +235,36 @@ mod tests {
             sg_assoc: "{}".into(),
             lookup_hash: None,
         }
+    }
+
+    #[test]
+    fn signed_json_is_kept_compact_and_served_as_stored() {
+        use crate::association::ThreepidAssociation;
+        use crate::crypto::NodeSigningKey;
+        let key = NodeSigningKey::generate();
+        let assoc = ThreepidAssociation::binding("email", "a\"b@x.org", "@u:x.org", 1_000);
+        let signed = Value::Object(assoc.signed("x.org", &key).unwrap());
+        let mut r = row("x.org", 1, "a\"b@x.org", "@u:x.org", 1_000);
+        r.not_after = assoc.not_after.unwrap();
+        r.sg_assoc = signed.to_string();
+        let mut index = LookupIndex::default();
+        index.insert(r.clone());
+        let binding = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
+        assert!(matches!(binding.signed, Signed::Signatures(_)));
+        assert_eq!(binding.signed_json(Medium::Email), signed.to_string());
+
+        // Anything beyond the row's fields (Sydent leaked "invites" into some) is kept whole.
+        let mut extra = signed.clone();
+        extra["extra"] = serde_json::json!({"invites": []});
+        r.origin_id = 2;
+        r.sg_assoc = serde_json::to_string_pretty(&extra).unwrap();
+        index.insert(r);
+        let binding = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
+        assert!(matches!(binding.signed, Signed::Whole(_)));
+        assert_eq!(
+            binding.signed_json(Medium::Email),
+            serde_json::to_string_pretty(&extra).unwrap()
+        );
     }
 
     #[test]

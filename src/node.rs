@@ -142,11 +142,12 @@ impl Node {
             );
         }
         let db_file = config.db.db_file.clone();
-        let (conn, pepper, rows, ephemeral_keys, max_local) =
+        let (conn, pepper, rows, index, ephemeral_keys, max_local) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
-                let rows =
-                    db::queries::all_global(&mut conn).map_err(|source| db::OpenError::Query {
+                let mut index = LookupIndex::default();
+                let rows = db::queries::for_each_global(&mut conn, |row| index.insert(row))
+                    .map_err(|source| db::OpenError::Query {
                         path: db_file.clone(),
                         source,
                     })?;
@@ -163,30 +164,22 @@ impl Node {
                         source,
                     }
                 })?;
-                Ok::<_, db::OpenError>((conn, pepper, rows, ephemeral, max_local))
+                Ok::<_, db::OpenError>((conn, pepper, rows, index, ephemeral, max_local))
             })
             .await
             .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
-        log::info!(
-            "database {} open: {} bindings",
-            config.db.db_file,
-            rows.len()
-        );
+        log::info!("database {} open: {} bindings", config.db.db_file, rows);
 
-        let index = SharedIndex::new(LookupIndex::from_rows(rows));
+        let index = SharedIndex::new(index);
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
-        let store = AssociationStore::new(
-            conn,
-            StoreContext {
-                server_name: config.general.server_name.clone(),
-                signing_key: config.crypto.signing_key.clone(),
-                pepper,
-                now_ms: crate::now_ms,
-            },
-            index.clone(),
-            local_id_tx,
-        )
-        .start();
+        let store_ctx = Arc::new(StoreContext {
+            server_name: config.general.server_name.clone(),
+            signing_key: config.crypto.signing_key.clone(),
+            pepper,
+            now_ms: crate::now_ms,
+        });
+        let store =
+            AssociationStore::new(conn, Arc::clone(&store_ctx), index.clone(), local_id_tx).start();
         let active_peers = ActivePeers::default();
         let registry = match &tls {
             None => None,
@@ -229,6 +222,7 @@ impl Node {
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
+            store_ctx,
             index,
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
             local_id: local_id.clone(),

@@ -11,9 +11,8 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use diesel::prelude::*;
 use diesel::SqliteConnection;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use crate::association::ThreepidAssociation;
@@ -40,13 +39,21 @@ pub enum StoreError {
     Stopped,
 }
 
-/// Sent by the client and internal bind handlers: bind `threepid` to `mxid` now, replacing any
-/// earlier binding of it made on this node. Answers the signed association.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "Result<Map<String, Value>, StoreError>")]
-pub struct Bind {
-    pub threepid: Threepid,
-    pub mxid: Mxid,
+/// Sent by the client and internal bind handlers: bind a 3PID to an mxid now, replacing any
+/// earlier binding of it made on this node. Answers the signed association as JSON text (what
+/// is stored and served; handlers send it as it is).
+///
+/// Built with [`Bind::new`] on the handler's thread, which signs it there: signing is the
+/// costliest step of a bind and the store's own thread must stay free to batch.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Arc<str>, StoreError>")]
+pub struct Bind(PreparedBind);
+
+impl Bind {
+    /// Builds and signs the association (its `ts` is now).
+    pub fn new(ctx: &StoreContext, threepid: Threepid, mxid: Mxid) -> Result<Self, StoreError> {
+        PreparedBind::new(ctx, &threepid, &mxid).map(Self)
+    }
 }
 
 /// Sent by the unbind handlers: remove the binding of `threepid` to `mxid` made on this node,
@@ -92,6 +99,37 @@ pub struct ApplyReplicated {
 #[rtype(result = "()")]
 pub struct Flush;
 
+/// A bind with its association built and signed (ts = when the store received it).
+#[derive(Debug)]
+pub struct PreparedBind {
+    assoc: ThreepidAssociation,
+    /// The signed association, serialized once.
+    sg_assoc: Arc<str>,
+    /// Its `signatures` object, serialized (for the lookup index).
+    signatures: Box<str>,
+    hash: String,
+}
+
+impl PreparedBind {
+    fn new(ctx: &StoreContext, threepid: &Threepid, mxid: &Mxid) -> Result<Self, StoreError> {
+        let Threepid { medium, address } = threepid;
+        let assoc =
+            ThreepidAssociation::binding(medium.as_str(), address, mxid.as_str(), (ctx.now_ms)());
+        let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
+        let signatures = signed
+            .get("signatures")
+            .map(Value::to_string)
+            .unwrap_or_default()
+            .into();
+        Ok(Self {
+            sg_assoc: Value::Object(signed).to_string().into(),
+            signatures,
+            hash: lookup_hash(address, medium.as_str(), &ctx.pepper),
+            assoc,
+        })
+    }
+}
+
 /// What the store needs to build rows: immutable, shared with the blocking thread.
 #[derive(Debug)]
 pub struct StoreContext {
@@ -103,10 +141,8 @@ pub struct StoreContext {
 }
 
 enum Write {
-    Bind(
-        Bind,
-        oneshot::Sender<Result<Map<String, Value>, StoreError>>,
-    ),
+    /// Signed on the actor's thread when it arrives, so the commit thread only writes.
+    Bind(PreparedBind, oneshot::Sender<Result<Arc<str>, StoreError>>),
     Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
     Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
     Flush(oneshot::Sender<()>),
@@ -115,7 +151,9 @@ enum Write {
 /// A committed write's effect, applied to the index after the commit.
 enum Applied {
     Bound {
-        signed: Map<String, Value>,
+        signed: Arc<str>,
+        /// The `signatures` object of `signed`, as JSON text.
+        signatures: Box<str>,
         row: GlobalRow,
     },
     Unbound {
@@ -138,23 +176,23 @@ pub struct AssociationStore {
     ctx: Arc<StoreContext>,
     index: SharedIndex,
     /// The newest committed local id: the replication pushers wait on it.
-    local_id: watch::Sender<i64>,
+    local_id: Arc<watch::Sender<i64>>,
 }
 
 impl AssociationStore {
     /// `local_id` starts at the newest local id in the database.
     pub fn new(
         conn: SqliteConnection,
-        ctx: StoreContext,
+        ctx: Arc<StoreContext>,
         index: SharedIndex,
         local_id: watch::Sender<i64>,
     ) -> Self {
         Self {
             conn: Some(conn),
             pending: Vec::new(),
-            ctx: Arc::new(ctx),
+            ctx,
             index,
-            local_id,
+            local_id: Arc::new(local_id),
         }
     }
 
@@ -170,15 +208,19 @@ impl AssociationStore {
         let take = self.pending.len().min(MAX_BATCH);
         let batch: Vec<Write> = self.pending.drain(..take).collect();
         let store_ctx = Arc::clone(&self.ctx);
+        let index = self.index.clone();
+        let local_id = Arc::clone(&self.local_id);
+        // Commit, update the index and answer the writers all on the blocking thread: the
+        // answers do not wait for a hop back to this actor.
         let job = actix_web::rt::task::spawn_blocking(move || {
             let outcome = commit_batch(&mut conn, &store_ctx, &batch);
-            (conn, batch, outcome)
+            finish_batch(&index, &store_ctx, &local_id, batch, outcome);
+            conn
         });
         ctx.spawn(job.into_actor(self).map(|joined, act, ctx| {
             match joined {
-                Ok((conn, batch, outcome)) => {
+                Ok(conn) => {
                     act.conn = Some(conn);
-                    act.finish_batch(batch, outcome);
                     act.flush(ctx);
                 }
                 Err(panic) => {
@@ -190,103 +232,104 @@ impl AssociationStore {
             }
         }));
     }
+}
 
-    /// Updates the index with what was committed, then answers every writer in the batch.
-    fn finish_batch(
-        &mut self,
-        batch: Vec<Write>,
-        outcome: Result<Vec<Result<Applied, StoreError>>, DbError>,
-    ) {
-        let results: Vec<Result<Applied, StoreError>> = match outcome {
-            Ok(results) => results,
-            Err(e) => {
-                log::error!(
-                    "association store: commit of {} writes failed: {e}",
-                    batch.len()
-                );
-                let err = StoreError::from(e);
-                batch.iter().map(|_| Err(err.clone())).collect()
-            }
-        };
-        let mut newest_local = None;
-        self.index.write(|index| {
-            for applied in results.iter().flatten() {
-                match applied {
-                    Applied::Bound { row, .. } => {
-                        newest_local = newest_local.max(Some(row.origin_id));
-                        index.insert(row.clone())
-                    }
-                    Applied::Replicated {
-                        origin,
-                        inserted,
-                        removed,
-                    } => {
-                        for row in inserted {
-                            index.insert(row.clone());
-                        }
-                        for (medium, address, id) in removed {
-                            if let Some(medium) = crate::types::Medium::parse(medium) {
-                                index.remove(origin, medium, address, *id);
-                            }
-                        }
-                    }
-                    Applied::Unbound {
-                        tombstone_id: Some(id),
-                        threepid,
-                    } => {
-                        newest_local = newest_local.max(Some(*id));
-                        index.remove(
-                            &self.ctx.server_name,
-                            threepid.medium,
-                            &threepid.address,
-                            *id,
-                        )
-                    }
-                    _ => {}
-                }
-            }
-        });
-        // Wake the replication pushers: the rows are committed, so they can read them.
-        if let Some(id) = newest_local {
-            self.local_id.send_if_modified(|current| {
-                let newer = id > *current;
-                *current = (*current).max(id);
-                newer
-            });
+/// Updates the index with what was committed, then answers every writer in the batch.
+fn finish_batch(
+    index: &SharedIndex,
+    ctx: &StoreContext,
+    local_id: &watch::Sender<i64>,
+    batch: Vec<Write>,
+    outcome: Result<Vec<Result<Applied, StoreError>>, DbError>,
+) {
+    let results: Vec<Result<Applied, StoreError>> = match outcome {
+        Ok(results) => results,
+        Err(e) => {
+            log::error!(
+                "association store: commit of {} writes failed: {e}",
+                batch.len()
+            );
+            let err = StoreError::from(e);
+            batch.iter().map(|_| Err(err.clone())).collect()
         }
-        for (write, result) in batch.into_iter().zip(results) {
-            // A closed receiver means the client went away; the write is committed anyway.
-            match write {
-                Write::Bind(_, reply) => {
-                    let _ = reply.send(result.and_then(|a| match a {
-                        Applied::Bound { signed, .. } => Ok(signed),
-                        _ => Err(StoreError::Db("a bind was applied as an unbind".into())),
-                    }));
+    };
+    let mut newest_local = None;
+    index.write(|index| {
+        for applied in results.iter().flatten() {
+            match applied {
+                Applied::Bound {
+                    row, signatures, ..
+                } => {
+                    newest_local = newest_local.max(Some(row.origin_id));
+                    index.insert_signed(row.clone(), signatures.clone())
                 }
-                Write::Unbind(_, reply) => {
-                    let _ = reply.send(result.map(|a| {
-                        matches!(
-                            a,
-                            Applied::Unbound {
-                                tombstone_id: Some(_),
-                                ..
-                            }
-                        )
-                    }));
+                Applied::Replicated {
+                    origin,
+                    inserted,
+                    removed,
+                } => {
+                    for row in inserted {
+                        index.insert(row.clone());
+                    }
+                    for (medium, address, id) in removed {
+                        if let Some(medium) = crate::types::Medium::parse(medium) {
+                            index.remove(origin, medium, address, *id);
+                        }
+                    }
                 }
-                Write::Replicated(_, reply) => {
-                    let _ = reply.send(result.map(|a| match a {
-                        Applied::Replicated { inserted, .. } => inserted.len(),
-                        _ => 0,
-                    }));
+                Applied::Unbound {
+                    tombstone_id: Some(id),
+                    threepid,
+                } => {
+                    newest_local = newest_local.max(Some(*id));
+                    index.remove(&ctx.server_name, threepid.medium, &threepid.address, *id)
                 }
-                Write::Flush(reply) => {
-                    let _ = reply.send(());
-                }
+                _ => {}
+            }
+        }
+    });
+    // Wake the replication pushers: the rows are committed, so they can read them.
+    if let Some(id) = newest_local {
+        local_id.send_if_modified(|current| {
+            let newer = id > *current;
+            *current = (*current).max(id);
+            newer
+        });
+    }
+    for (write, result) in batch.into_iter().zip(results) {
+        // A closed receiver means the client went away; the write is committed anyway.
+        match write {
+            Write::Bind(_, reply) => {
+                let _ = reply.send(result.and_then(|a| match a {
+                    Applied::Bound { signed, .. } => Ok(signed),
+                    _ => Err(StoreError::Db("a bind was applied as an unbind".into())),
+                }));
+            }
+            Write::Unbind(_, reply) => {
+                let _ = reply.send(result.map(|a| {
+                    matches!(
+                        a,
+                        Applied::Unbound {
+                            tombstone_id: Some(_),
+                            ..
+                        }
+                    )
+                }));
+            }
+            Write::Replicated(_, reply) => {
+                let _ = reply.send(result.map(|a| match a {
+                    Applied::Replicated { inserted, .. } => inserted.len(),
+                    _ => 0,
+                }));
+            }
+            Write::Flush(reply) => {
+                let _ = reply.send(());
             }
         }
     }
+}
 
+impl AssociationStore {
     fn enqueue<T: Send + 'static>(
         &mut self,
         ctx: &mut Context<Self>,
@@ -320,10 +363,10 @@ impl Actor for AssociationStore {
 }
 
 impl Handler<Bind> for AssociationStore {
-    type Result = ResponseFuture<Result<Map<String, Value>, StoreError>>;
+    type Result = ResponseFuture<Result<Arc<str>, StoreError>>;
 
     fn handle(&mut self, msg: Bind, ctx: &mut Context<Self>) -> Self::Result {
-        let rx = self.enqueue(ctx, |tx| Write::Bind(msg, tx));
+        let rx = self.enqueue(ctx, |tx| Write::Bind(msg.0, tx));
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
     }
 }
@@ -357,63 +400,107 @@ impl Handler<Flush> for AssociationStore {
     }
 }
 
-/// Runs one transaction for the whole batch, one savepoint per write.
+/// Commits the whole batch in one transaction. Should one write fail, that transaction is
+/// rolled back and each write is retried in a transaction of its own, so a failing write
+/// fails alone. (Not a savepoint per write: SQLite copies every page a savepoint touches, which
+/// cost a quarter of the bind path.)
 fn commit_batch(
     conn: &mut SqliteConnection,
     ctx: &StoreContext,
     batch: &[Write],
 ) -> Result<Vec<Result<Applied, StoreError>>, DbError> {
     let now = (ctx.now_ms)();
-    conn.immediate_transaction(|c| {
-        Ok(batch
+    let together = conn.immediate_transaction(|c| {
+        batch
             .iter()
-            .map(|write| match write {
-                Write::Bind(bind, _) => c.transaction(|c| apply_bind(c, ctx, bind, now)),
-                Write::Unbind(unbind, _) => c.transaction(|c| apply_unbind(c, ctx, unbind, now)),
-                Write::Replicated(batch, _) => c.transaction(|c| apply_replicated(c, ctx, batch)),
-                Write::Flush(_) => Ok(Applied::Nothing),
-            })
-            .collect())
-    })
+            .map(|write| apply(c, ctx, write, now))
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map_err(BatchFailed::Write)
+    });
+    match together {
+        Ok(applied) => Ok(applied.into_iter().map(Ok).collect()),
+        Err(BatchFailed::Db(e)) => Err(e),
+        Err(BatchFailed::Write(e)) => {
+            log::warn!("association store: a write in a batch of {} failed ({e}); committing them one by one", batch.len());
+            Ok(batch
+                .iter()
+                .map(|write| {
+                    conn.immediate_transaction(|c| {
+                        apply(c, ctx, write, now).map_err(BatchFailed::Write)
+                    })
+                    .map_err(|e| match e {
+                        BatchFailed::Db(e) => StoreError::from(e),
+                        BatchFailed::Write(e) => e,
+                    })
+                })
+                .collect())
+        }
+    }
+}
+
+/// Why a batch transaction rolled back.
+enum BatchFailed {
+    Db(DbError),
+    Write(StoreError),
+}
+
+impl From<DbError> for BatchFailed {
+    fn from(e: DbError) -> Self {
+        Self::Db(e)
+    }
+}
+
+fn apply(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    write: &Write,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    match write {
+        Write::Bind(bind, _) => apply_bind(conn, ctx, bind),
+        Write::Unbind(unbind, _) => apply_unbind(conn, ctx, unbind, now),
+        Write::Replicated(batch, _) => apply_replicated(conn, ctx, batch),
+        Write::Flush(_) => Ok(Applied::Nothing),
+    }
 }
 
 fn apply_bind(
     conn: &mut SqliteConnection,
     ctx: &StoreContext,
-    bind: &Bind,
-    now: i64,
+    bind: &PreparedBind,
 ) -> Result<Applied, StoreError> {
-    let Threepid { medium, address } = &bind.threepid;
-    let medium = medium.as_str();
-    let assoc = ThreepidAssociation::binding(medium, address, bind.mxid.as_str(), now);
-    let hash = lookup_hash(address, medium, &ctx.pepper);
+    let assoc = &bind.assoc;
     let id = queries::replace_local(
         conn,
         &NewLocalRow {
-            medium,
-            address,
-            mxid: Some(bind.mxid.as_str()),
-            ts: now,
+            medium: &assoc.medium,
+            address: &assoc.address,
+            mxid: assoc.mxid.as_deref(),
+            ts: assoc.ts,
             not_before: assoc.not_before,
             not_after: assoc.not_after,
-            lookup_hash: Some(&hash),
+            lookup_hash: Some(&bind.hash),
         },
     )?;
-    let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
     let row = GlobalRow {
-        medium: medium.into(),
-        address: address.clone(),
-        mxid: bind.mxid.to_string(),
-        ts: now,
-        not_before: now,
+        medium: assoc.medium.clone(),
+        address: assoc.address.clone(),
+        mxid: assoc.mxid.clone().unwrap_or_default(),
+        ts: assoc.ts,
+        not_before: assoc.not_before.unwrap_or(assoc.ts),
         not_after: assoc.not_after.unwrap_or(i64::MAX),
         origin_server: ctx.server_name.clone(),
         origin_id: id,
-        sg_assoc: Value::Object(signed.clone()).to_string(),
-        lookup_hash: Some(hash),
+        sg_assoc: bind.sg_assoc.to_string(),
+        lookup_hash: Some(bind.hash.clone()),
     };
-    queries::put_global(conn, &row)?;
-    Ok(Applied::Bound { signed, row })
+    // The id is new and larger than any of ours: no re-send or newer row to check for.
+    queries::replace_own_global(conn, &row)?;
+    Ok(Applied::Bound {
+        signed: Arc::clone(&bind.sg_assoc),
+        signatures: bind.signatures.clone(),
+        row,
+    })
 }
 
 /// A verified batch from a peer, in one savepoint: all of it or none of it.

@@ -64,7 +64,7 @@ pub fn open(path: &str) -> Result<(SqliteConnection, String), OpenError> {
     // WAL: readers never wait for the writer. NORMAL is durable across a process crash and
     // loses at most the last commits on power loss, as every WAL database.
     conn.batch_execute(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; \
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; \
          PRAGMA foreign_keys = OFF;",
     )
     .map_err(query_err)?;

@@ -117,6 +117,22 @@ pub fn put_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<b
     Ok(true)
 }
 
+/// Puts a row of this node's own (a bind just made, with a new and largest id) into the global
+/// table, replacing our older row for the same 3PID.
+pub fn replace_own_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<()> {
+    delete_global_from_origin(
+        conn,
+        &row.origin_server,
+        &row.medium,
+        &row.address,
+        row.origin_id,
+    )?;
+    diesel::insert_into(global::table)
+        .values(row)
+        .execute(conn)
+        .map(|_| ())
+}
+
 /// Removes `origin`'s rows for a 3PID that are older than `before_origin_id` (its tombstone or
 /// rebind). Returns how many were removed.
 pub fn delete_global_from_origin(
@@ -138,9 +154,21 @@ pub fn delete_global_from_origin(
     .execute(conn)
 }
 
-/// Every global row, for building the in-memory lookup index at start.
-pub fn all_global(conn: &mut SqliteConnection) -> QueryResult<Vec<GlobalRow>> {
-    global::table.select(GlobalRow::as_select()).load(conn)
+/// Hands every global row to `f`, one at a time (the index is built without holding the
+/// whole table in memory).
+pub fn for_each_global(
+    conn: &mut SqliteConnection,
+    mut f: impl FnMut(GlobalRow),
+) -> QueryResult<usize> {
+    let mut count = 0;
+    for row in global::table
+        .select(GlobalRow::as_select())
+        .load_iter::<GlobalRow, diesel::connection::DefaultLoadingMode>(conn)?
+    {
+        f(row?);
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// Every invite (ephemeral) public key this node has issued, for `pubkey/ephemeral/isvalid`.

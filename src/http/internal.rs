@@ -2,7 +2,7 @@
 //! it listens on `::1` by default): bind and unbind without a validation session.
 
 use actix_web::{web, HttpResponse};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::Args;
@@ -23,8 +23,13 @@ fn parse(args: &Args) -> Result<(Threepid, Mxid), ApiError> {
 /// POST /_matrix/identity/internal/bind `{medium, address, mxid}` → the signed association.
 async fn bind(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
     let (threepid, mxid) = parse(&args)?;
-    let signed = state.store.send(Bind { threepid, mxid }).await??;
-    Ok(HttpResponse::Ok().json(Value::Object(signed)))
+    let signed = state
+        .store
+        .send(Bind::new(&state.store_ctx, threepid, mxid)?)
+        .await??;
+    Ok(HttpResponse::Ok()
+        .insert_header(actix_web::http::header::ContentType::json())
+        .body(signed.to_string()))
 }
 
 /// POST /_matrix/identity/internal/unbind `{medium, address, mxid}` → `{}`, also when the 3PID

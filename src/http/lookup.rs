@@ -34,7 +34,7 @@ async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, 
     let found = state.index.read(|index| {
         index
             .get(medium, address, now)
-            .map(|b| (&*b.origin_server == server_name, b.signed_json.to_string()))
+            .map(|b| (&*b.origin_server == server_name, b.signed_json(medium)))
     });
     let body = match found {
         None => "{}".to_owned(),

@@ -37,6 +37,8 @@ pub const MAX_BODY_BYTES: usize = 512 * 1024;
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Addr<AssociationStore>,
+    /// What handlers need to prepare a bind (server name, signing key, pepper).
+    pub store_ctx: Arc<crate::actors::store::StoreContext>,
     pub index: SharedIndex,
     /// Invite keys this node issued (`ephemeral_public_keys`), kept in memory: the table is
     /// small and `pubkey/ephemeral/isvalid` is hot on homeservers accepting invites.
