@@ -96,10 +96,10 @@ echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(npro
 printf "%-34s %10s MB\n" "idle RSS with 10,000 bindings" "$((RSS_KB / 1024))"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (10k rows, 50% hits)"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (10k rows)"
-echo "seeding to 100,000 bindings..."
-seed 10000 100000
+wrk -t2 -c"$BIND_CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind ($BIND_CONNS connections)"
+ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db")
+if [ "$ROWS" -lt 100000 ]; then echo "seeding to 100,000 bindings..."; seed "$ROWS" 100000; fi
 ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db")
 echo "rows now: $ROWS"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (100k rows)"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (100k rows)"
-wrk -t2 -c"$BIND_CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind ($BIND_CONNS connections)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs ($ROWS rows)"
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup ($ROWS rows)"

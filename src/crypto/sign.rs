@@ -76,6 +76,47 @@ pub fn verify_json(
     }
 }
 
+/// Verifies `entity`'s signature on each object with `key`, under any `ed25519:*` key id,
+/// as one batch when all are valid (the common case: a replication push). Returns, per
+/// object, whether it verified.
+pub fn verify_json_batch(objects: &[&Map<String, Value>], entity: &str, key: &VerifyKey) -> Vec<bool> {
+    // Each object's candidate (signed bytes, signature) under its first ed25519 key id.
+    let candidates: Vec<Option<(Vec<u8>, [u8; 64])>> = objects
+        .iter()
+        .map(|object| {
+            let signature = object
+                .get("signatures")?
+                .get(entity)?
+                .as_object()?
+                .iter()
+                .filter(|(key_id, _)| key_id.starts_with("ed25519:"))
+                .find_map(|(_, sig)| decode_base64(sig.as_str()?)?.try_into().ok())?;
+            Some((signed_bytes(object).ok()?, signature))
+        })
+        .collect();
+    let present: Vec<&(Vec<u8>, [u8; 64])> = candidates.iter().flatten().collect();
+    let messages: Vec<&[u8]> = present.iter().map(|(m, _)| m.as_slice()).collect();
+    let signatures: Vec<[u8; 64]> = present.iter().map(|(_, s)| *s).collect();
+    if present.len() == objects.len() && key.verify_all(&messages, &signatures) {
+        return vec![true; objects.len()];
+    }
+    // Something is wrong: find what, one by one, with every ed25519 key id of the entity.
+    objects
+        .iter()
+        .map(|object| {
+            object
+                .get("signatures")
+                .and_then(|s| s.get(entity))
+                .and_then(Value::as_object)
+                .is_some_and(|sigs| {
+                    sigs.keys()
+                        .filter(|key_id| key_id.starts_with("ed25519:"))
+                        .any(|key_id| verify_json(object, entity, key_id, key).is_ok())
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +139,39 @@ mod tests {
                 "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"}}})
         );
         verify_json(&object, "domain", "ed25519:1", &key.verify_key()).unwrap();
+    }
+
+    #[test]
+    fn batch_verification_finds_the_bad_ones() {
+        let key = NodeSigningKey::generate();
+        let other = NodeSigningKey::generate();
+        let make = |n: i64, with: &NodeSigningKey| {
+            let mut object = serde_json::json!({"n": n}).as_object().unwrap().clone();
+            sign_json(&mut object, "peer.example", with).unwrap();
+            object
+        };
+        let good: Vec<Map<String, Value>> = (0..5).map(|n| make(n, &key)).collect();
+        let refs: Vec<&Map<String, Value>> = good.iter().collect();
+        assert_eq!(verify_json_batch(&refs, "peer.example", &key.verify_key()), vec![true; 5]);
+
+        let forged = make(5, &other);
+        let mut unsigned = make(6, &key);
+        unsigned.remove("signatures");
+        let mut tampered = make(7, &key);
+        tampered.insert("n".into(), Value::from(8));
+        // A bad signature under ed25519:0 next to a good one under ed25519:1 still verifies.
+        let mut second_id = make(9, &key);
+        let sigs = second_id["signatures"]["peer.example"].as_object_mut().unwrap();
+        let good_sig = sigs["ed25519:0"].clone();
+        sigs.insert("ed25519:1".into(), good_sig);
+        sigs.insert("ed25519:0".into(), Value::from("AAAA"));
+        let mut all = refs.clone();
+        all.extend([&forged, &unsigned, &tampered, &second_id]);
+        assert_eq!(
+            verify_json_batch(&all, "peer.example", &key.verify_key()),
+            [true, true, true, true, true, false, false, false, true]
+        );
+        assert_eq!(verify_json_batch(&[], "peer.example", &key.verify_key()), Vec::<bool>::new());
     }
 
     #[test]

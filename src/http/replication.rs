@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::{resource, AppState};
 use crate::actors::peers::ActivePeers;
 use crate::actors::store::{ApplyReplicated, AssociationStore, Replicated};
-use crate::crypto::verify_json;
+use crate::crypto::verify_json_batch;
 use crate::mesh::peers::{Peer, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
 
@@ -100,12 +100,19 @@ fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
         .get("sgAssocs")
         .and_then(Value::as_object)
         .ok_or_else(|| ApiError::BadJson("Missing 'sgAssocs' (an object)".into()))?;
+    // Fields first, then every signature in one batch.
+    let parsed: Vec<(&String, Option<(&Map<String, Value>, Replicated)>)> = assocs
+        .iter()
+        .map(|(id, assoc)| (id, parse_one(id, assoc)))
+        .collect();
+    let objects: Vec<&Map<String, Value>> = parsed.iter().filter_map(|(_, p)| p.as_ref().map(|(o, _)| *o)).collect();
+    let mut verified = verify_json_batch(&objects, &peer.server_name, &peer.verify_key).into_iter();
     let mut items = Vec::with_capacity(assocs.len());
     let mut failed = Vec::new();
-    for (id, assoc) in assocs {
-        match verify_one(peer, id, assoc) {
-            Some(item) => items.push(item),
-            None => failed.push(id.clone()),
+    for (id, item) in parsed {
+        match item {
+            Some((_, item)) if verified.next() == Some(true) => items.push(item),
+            _ => failed.push(id.clone()),
         }
     }
     if !failed.is_empty() {
@@ -122,20 +129,10 @@ fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
     Ok(items)
 }
 
-fn verify_one(peer: &Peer, id: &str, assoc: &Value) -> Option<Replicated> {
+/// An association's fields, checked (its signature is checked by the caller).
+fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, Replicated)> {
     let origin_id: i64 = id.parse().ok()?;
     let object: &Map<String, Value> = assoc.as_object()?;
-    // Any ed25519 key id of the peer's (Sydent only ever uses `ed25519:0`).
-    let signed = object
-        .get("signatures")?
-        .get(&peer.server_name)?
-        .as_object()?
-        .keys()
-        .filter(|key_id| key_id.starts_with("ed25519:"))
-        .any(|key_id| verify_json(object, &peer.server_name, key_id, &peer.verify_key).is_ok());
-    if !signed {
-        return None;
-    }
     let medium = object.get("medium")?.as_str()?.to_string();
     let address = object.get("address")?.as_str()?;
     let address = if medium == "email" {
@@ -154,7 +151,7 @@ fn verify_one(peer: &Peer, id: &str, assoc: &Value) -> Option<Replicated> {
         Some(_) => (int("not_before")?, int("not_after")?),
         None => (0, 0),
     };
-    Some(Replicated {
+    let item = Replicated {
         origin_id,
         medium,
         address,
@@ -163,7 +160,8 @@ fn verify_one(peer: &Peer, id: &str, assoc: &Value) -> Option<Replicated> {
         not_before,
         not_after,
         sg_assoc: assoc.to_string(),
-    })
+    };
+    Some((object, item))
 }
 
 /// GET /_matrix/identity/internal/replication: per peer, where it is and what is pending.
