@@ -80,7 +80,8 @@ impl IndexedBinding {
     }
 
     fn is_valid_at(&self, now_ms: i64) -> bool {
-        self.not_before < now_ms && now_ms < self.not_after
+        // Inclusive start: a lookup in the same millisecond as the bind must see it.
+        self.not_before <= now_ms && now_ms < self.not_after
     }
 
     /// The signed association as JSON text (keys sorted, as serde_json writes a map).

@@ -12,6 +12,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::middleware::{Condition, Logger};
 use actix_web::{web, App, HttpServer};
 
+use crate::actors::checkpoint::Checkpointer;
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
@@ -121,6 +122,7 @@ pub struct Node {
     pub replication_addr: Option<SocketAddr>,
     store: Addr<AssociationStore>,
     registry: Option<Addr<PeerRegistry>>,
+    checkpointer: Option<Addr<Checkpointer>>,
     pidfile: Option<PathBuf>,
 }
 
@@ -142,9 +144,21 @@ impl Node {
             );
         }
         let db_file = config.db.db_file.clone();
-        let (conn, pepper, rows, index, ephemeral_keys, max_local) =
+        let (conn, pepper, rows, index, ephemeral_keys, max_local, checkpoint_conn) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
+                // WAL checkpoints on a connection of their own (not for :memory:, which has
+                // no WAL and cannot be shared).
+                let checkpoint_conn = if db_file == ":memory:" {
+                    None
+                } else {
+                    let other = db::connect(&db_file)?;
+                    db::defer_checkpoints(&mut conn).map_err(|source| db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    })?;
+                    Some(other)
+                };
                 let mut index = LookupIndex::default();
                 let rows = db::queries::for_each_global(&mut conn, |row| index.insert(row))
                     .map_err(|source| db::OpenError::Query {
@@ -164,13 +178,22 @@ impl Node {
                         source,
                     }
                 })?;
-                Ok::<_, db::OpenError>((conn, pepper, rows, index, ephemeral, max_local))
+                Ok::<_, db::OpenError>((
+                    conn,
+                    pepper,
+                    rows,
+                    index,
+                    ephemeral,
+                    max_local,
+                    checkpoint_conn,
+                ))
             })
             .await
             .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
         log::info!("database {} open: {} bindings", config.db.db_file, rows);
 
         let index = SharedIndex::new(index);
+        let checkpointer = checkpoint_conn.map(|c| Checkpointer::new(c).start());
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
         let store_ctx = Arc::new(StoreContext {
             server_name: config.general.server_name.clone(),
@@ -343,6 +366,7 @@ impl Node {
             servers,
             store,
             registry,
+            checkpointer,
             pidfile,
         })
     }
@@ -368,6 +392,11 @@ impl Node {
         }
         if self.store.send(Flush).await.is_err() {
             log::warn!("the association store had already stopped");
+        }
+        if let Some(checkpointer) = &self.checkpointer {
+            let _ = checkpointer
+                .send(crate::actors::checkpoint::StopCheckpointer)
+                .await;
         }
         if let Some(path) = &self.pidfile {
             let _ = std::fs::remove_file(path);

@@ -7,7 +7,9 @@
 //! - [`peers::PeerRegistry`]: the active replication peers (peers.d, Sydent's peers table),
 //!   one [`pusher::Pusher`] per peer.
 //! - [`pusher::Pusher`]: a peer's push queue and cursor.
+//! - [`checkpoint::Checkpointer`]: WAL checkpoints off the store's commit path.
 
+pub mod checkpoint;
 pub mod peers;
 pub mod pusher;
 pub mod store;

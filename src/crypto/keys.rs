@@ -130,8 +130,10 @@ impl VerifyKey {
     /// Checks many signatures by this key at once (ed25519 batch verification, about twice
     /// as fast as one by one). True only if every one is valid.
     pub(super) fn verify_all(&self, messages: &[&[u8]], signatures: &[[u8; 64]]) -> bool {
-        let signatures: Vec<ed25519_dalek::Signature> =
-            signatures.iter().map(ed25519_dalek::Signature::from_bytes).collect();
+        let signatures: Vec<ed25519_dalek::Signature> = signatures
+            .iter()
+            .map(ed25519_dalek::Signature::from_bytes)
+            .collect();
         let keys = vec![self.0; messages.len()];
         ed25519_dalek::verify_batch(messages, &signatures, &keys).is_ok()
     }

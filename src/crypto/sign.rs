@@ -79,7 +79,11 @@ pub fn verify_json(
 /// Verifies `entity`'s signature on each object with `key`, under any `ed25519:*` key id,
 /// as one batch when all are valid (the common case: a replication push). Returns, per
 /// object, whether it verified.
-pub fn verify_json_batch(objects: &[&Map<String, Value>], entity: &str, key: &VerifyKey) -> Vec<bool> {
+pub fn verify_json_batch(
+    objects: &[&Map<String, Value>],
+    entity: &str,
+    key: &VerifyKey,
+) -> Vec<bool> {
     // Each object's candidate (signed bytes, signature) under its first ed25519 key id.
     let candidates: Vec<Option<(Vec<u8>, [u8; 64])>> = objects
         .iter()
@@ -152,7 +156,10 @@ mod tests {
         };
         let good: Vec<Map<String, Value>> = (0..5).map(|n| make(n, &key)).collect();
         let refs: Vec<&Map<String, Value>> = good.iter().collect();
-        assert_eq!(verify_json_batch(&refs, "peer.example", &key.verify_key()), vec![true; 5]);
+        assert_eq!(
+            verify_json_batch(&refs, "peer.example", &key.verify_key()),
+            vec![true; 5]
+        );
 
         let forged = make(5, &other);
         let mut unsigned = make(6, &key);
@@ -161,7 +168,9 @@ mod tests {
         tampered.insert("n".into(), Value::from(8));
         // A bad signature under ed25519:0 next to a good one under ed25519:1 still verifies.
         let mut second_id = make(9, &key);
-        let sigs = second_id["signatures"]["peer.example"].as_object_mut().unwrap();
+        let sigs = second_id["signatures"]["peer.example"]
+            .as_object_mut()
+            .unwrap();
         let good_sig = sigs["ed25519:0"].clone();
         sigs.insert("ed25519:1".into(), good_sig);
         sigs.insert("ed25519:0".into(), Value::from("AAAA"));
@@ -171,7 +180,10 @@ mod tests {
             verify_json_batch(&all, "peer.example", &key.verify_key()),
             [true, true, true, true, true, false, false, false, true]
         );
-        assert_eq!(verify_json_batch(&[], "peer.example", &key.verify_key()), Vec::<bool>::new());
+        assert_eq!(
+            verify_json_batch(&[], "peer.example", &key.verify_key()),
+            Vec::<bool>::new()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod open;
 pub mod queries;
 pub mod schema;
 
-pub use open::{connect, open, OpenError};
+pub use open::{connect, defer_checkpoints, open, OpenError, STORE_AUTOCHECKPOINT_PAGES};
 pub use queries::{GlobalRow, LocalRow};
 
 /// Any failure of a query: the store logs it and the client sees a 500.

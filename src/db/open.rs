@@ -79,6 +79,19 @@ pub fn open(path: &str) -> Result<(SqliteConnection, String), OpenError> {
     Ok((conn, pepper))
 }
 
+/// The store's connection checkpoints the WAL itself only past this many pages (64 MiB); the
+/// checkpointer actor does the bulk of it meanwhile on another connection.
+pub const STORE_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+
+/// Hands the store's WAL checkpoints to a checkpointer (see `actors::checkpoint`): its own
+/// connection then only checkpoints when the WAL is large, and the WAL file is truncated back
+/// to 64 MiB when it resets.
+pub fn defer_checkpoints(conn: &mut SqliteConnection) -> QueryResult<()> {
+    conn.batch_execute(&format!(
+        "PRAGMA wal_autocheckpoint = {STORE_AUTOCHECKPOINT_PAGES}; PRAGMA journal_size_limit = 67108864;"
+    ))
+}
+
 /// A further connection to a database [`open`] has already prepared, for the actors that read
 /// beside the store (replication push queues, the peer registry). Not for `:memory:`.
 pub fn connect(path: &str) -> Result<SqliteConnection, OpenError> {

@@ -101,11 +101,15 @@ fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
         .and_then(Value::as_object)
         .ok_or_else(|| ApiError::BadJson("Missing 'sgAssocs' (an object)".into()))?;
     // Fields first, then every signature in one batch.
-    let parsed: Vec<(&String, Option<(&Map<String, Value>, Replicated)>)> = assocs
+    type Parsed<'a> = (&'a String, Option<(&'a Map<String, Value>, Replicated)>);
+    let parsed: Vec<Parsed> = assocs
         .iter()
         .map(|(id, assoc)| (id, parse_one(id, assoc)))
         .collect();
-    let objects: Vec<&Map<String, Value>> = parsed.iter().filter_map(|(_, p)| p.as_ref().map(|(o, _)| *o)).collect();
+    let objects: Vec<&Map<String, Value>> = parsed
+        .iter()
+        .filter_map(|(_, p)| p.as_ref().map(|(o, _)| *o))
+        .collect();
     let mut verified = verify_json_batch(&objects, &peer.server_name, &peer.verify_key).into_iter();
     let mut items = Vec::with_capacity(assocs.len());
     let mut failed = Vec::new();

@@ -1,1 +1,0 @@
-DROP INDEX IF EXISTS global_threepid_medium_address_origin;
