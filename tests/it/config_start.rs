@@ -168,3 +168,48 @@ fn generate_key_help_and_version() {
     assert_eq!(code, Some(0));
     assert!(out.contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// `:memory:` works; `log.path` receives the log; even at DEBUG the looked-up 3PIDs are not
+/// in it (requests are logged without their query strings).
+#[tokio::test]
+async fn memory_database_and_log_file_without_3pids() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let config = base_config(dir.path(), "mem.example.org")
+        .replace(
+            &format!("db.file = {}/sydent.db", dir.path().display()),
+            "db.file = :memory:",
+        )
+        .replacen(
+            "[general]\n",
+            &format!(
+                "[general]\nlog.path = {}\nlog.level = DEBUG\n",
+                log.display()
+            ),
+            1,
+        );
+    assert!(config.contains("db.file = :memory:"));
+    let node = TestNode::start_with_config(dir.path(), &config);
+    let (status, _) = node
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "secret.person@example.org", "mxid": "@s:example.org"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, found) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=secret.person%40example.org")
+        .await;
+    assert_eq!(found["mxid"], "@s:example.org");
+    assert!(
+        !dir.path().join("sydent.db").exists(),
+        "nothing written to disk"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("serving as mem.example.org"), "{text}");
+    assert!(
+        text.contains("/_matrix/identity/api/v1/lookup"),
+        "requests are logged at DEBUG: {text}"
+    );
+    assert!(!text.contains("secret.person"), "a 3PID was logged: {text}");
+}

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sydent_rs::crypto::NodeSigningKey;
-use sydent_rs::mesh::peers::peer_file_text;
 
 use crate::harness::{client, signal, wait_with_deadline, TestNode};
 use crate::mesh::harness::{mesh_config, port_of, TestCa};
@@ -178,15 +177,22 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let peers_dir = root.path().join("peers.d");
     std::fs::create_dir(&peers_dir).unwrap();
 
-    // sydent-rs first (its replication port is picked at start).
+    // sydent-rs first, once, to create its database and key; its replication port is fixed
+    // (picked free here) because both sides must name each other before either runs.
     let rust_dir = root.path().join("rust");
     std::fs::create_dir(&rust_dir).unwrap();
     let (certfile, cacert) = ca.write_node_files(&rust_dir, "rust.test");
-    let rust = TestNode::start_with_config(
-        &rust_dir,
-        &mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert),
+    let rust_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rust_config = mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert).replace(
+        "replication.https.port = 0",
+        &format!("replication.https.port = {rust_port}"),
     );
-    let rust_port = port_of(rust.replication_addr.as_deref().unwrap());
+    let mut first = TestNode::start_with_config(&rust_dir, &rust_config);
+    assert!(first.stop().success());
     let (code, rust_peer_file, err) = crate::harness::run_to_exit(
         &rust_dir,
         &[
@@ -204,7 +210,7 @@ async fn replicates_both_ways_with_a_real_sydent() {
         .unwrap()
         .to_string();
 
-    // Sydent, with sydent-rs in its peers table (Sydent's way: SQL rows, made by the launcher).
+    // Sydent, with sydent-rs in its peers table (rows made by the launcher).
     let sydent_dir = root.path().join("sydent");
     std::fs::create_dir(&sydent_dir).unwrap();
     let (sydent_cert, sydent_ca) = ca.write_node_files(&sydent_dir, "sydent.test");
@@ -217,17 +223,31 @@ async fn replicates_both_ways_with_a_real_sydent() {
         &sydent_key,
         &format!("rust.test=https://localhost:{rust_port}={rust_key}"),
     );
-    // ...and Sydent in sydent-rs's peers.d (our way).
-    std::fs::write(
-        peers_dir.join("sydent.conf"),
-        peer_file_text(
-            "sydent.test",
-            &format!("https://localhost:{}", sydent.replication_port),
-            &sydent_key.verify_key(),
-        ),
-    )
-    .unwrap();
-    signal(rust.pid(), "HUP");
+
+    // ...and Sydent in sydent-rs's database the way a Sydent admin configured peers: rows in
+    // `peers` and `peer_pubkeys`, the URL in a [peer.NAME] section (peers.d is the other way,
+    // covered by the mesh tests).
+    {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let mut conn =
+            diesel::SqliteConnection::establish(rust_dir.join("sydent.db").to_str().unwrap())
+                .unwrap();
+        conn.batch_execute(&format!(
+            "INSERT INTO peers (name, port, lastSentVersion, active) VALUES ('sydent.test', NULL, NULL, 1);
+             INSERT INTO peer_pubkeys (peername, alg, key) VALUES ('sydent.test', 'ed25519', '{}');",
+            sydent_key.verify_key().to_base64()
+        ))
+        .unwrap();
+    }
+    let config_path = rust_dir.join("sydent.conf");
+    let mut config = std::fs::read_to_string(&config_path).unwrap();
+    config.push_str(&format!(
+        "\n[peer.sydent.test]\nbase_replication_url = https://localhost:{}\n",
+        sydent.replication_port
+    ));
+    std::fs::write(&config_path, config).unwrap();
+    let rust = TestNode::start(&rust_dir, &config_path).unwrap();
     let logs = || {
         format!(
             "--- sydent-rs:\n{}\n--- Sydent:\n{}",

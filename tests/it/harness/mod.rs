@@ -92,10 +92,35 @@ impl TestNode {
         let stderr = child.stderr.take().expect("piped stderr");
         {
             let log = Arc::clone(&log);
+            let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     log.lock().unwrap().push_str(&format!("{line}\n"));
                     let _ = tx.send(line);
+                }
+            });
+        }
+        // With `log.path` set the node logs to that file: follow it instead.
+        let log_file = std::fs::read_to_string(config_path).ok().and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("log.path = ")
+                    .map(|p| PathBuf::from(p.trim()))
+            })
+        });
+        if let Some(path) = log_file {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                loop {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    for line in text.get(seen..).unwrap_or_default().lines() {
+                        log.lock().unwrap().push_str(&format!("{line}\n"));
+                        if tx.send(line.to_string()).is_err() {
+                            return;
+                        }
+                    }
+                    seen = text.len();
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             });
         }
