@@ -30,7 +30,9 @@ pub struct ActivePeer {
     pub status: SharedStatus,
 }
 
-/// The active peers by server name, shared read-mostly.
+/// The active peers by server name, shared read-mostly. A lock rather than asking the registry
+/// actor: the receiver needs the pushing peer's key on every push, and the set changes only
+/// when peers.d does; the registry is the only writer.
 #[derive(Debug, Clone, Default)]
 pub struct ActivePeers(Arc<RwLock<BTreeMap<String, ActivePeer>>>);
 

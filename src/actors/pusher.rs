@@ -15,13 +15,14 @@ use actix::prelude::*;
 use diesel::SqliteConnection;
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::association::ThreepidAssociation;
 use crate::crypto::NodeSigningKey;
 use crate::db::queries;
 use crate::mesh::peers::Peer;
+use crate::mesh::wire::PushBody;
 
 /// Associations per push. ~350 bytes each: a batch stays well under a megabyte.
 pub const BATCH_SIZE: i64 = 1000;
@@ -44,6 +45,10 @@ pub struct PushStatus {
     pub state: &'static str,
 }
 
+/// A pusher's status, written by the pusher and read by the status page. A mutex rather than a
+/// message to the actor: a status read must answer even while the pusher is busy mid-push
+/// (its actor context is occupied by the push loop), and the lock is held only to copy a few
+/// fields, never across I/O.
 pub type SharedStatus = Arc<Mutex<PushStatus>>;
 
 /// Everything a push queue needs; built by the peer registry.
@@ -252,7 +257,7 @@ impl PushLoop {
             };
             let last_id = last.id;
             let backlog = queries::count_local_after(c, cursor).map_err(|e| e.to_string())?;
-            let mut assocs = Map::new();
+            let mut body = PushBody::default();
             for row in &rows {
                 let assoc = ThreepidAssociation {
                     medium: row.medium.clone(),
@@ -263,10 +268,9 @@ impl PushLoop {
                     not_after: row.not_after,
                 };
                 let signed = assoc.signed(&own_name, &key).map_err(|e| e.to_string())?;
-                assocs.insert(row.id.to_string(), Value::Object(signed));
+                body.sg_assocs
+                    .insert(row.id.to_string(), Value::Object(signed));
             }
-            let mut body = Map::new();
-            body.insert("sgAssocs".into(), Value::Object(assocs));
             let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
             Ok(Some(Batch {
                 body,

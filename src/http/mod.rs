@@ -41,7 +41,8 @@ pub struct AppState {
     pub store_ctx: Arc<crate::actors::store::StoreContext>,
     pub index: SharedIndex,
     /// Invite keys this node issued (`ephemeral_public_keys`), kept in memory: the table is
-    /// small and `pubkey/ephemeral/isvalid` is hot on homeservers accepting invites.
+    /// small and `pubkey/ephemeral/isvalid` is hot on homeservers accepting invites. A lock
+    /// (read on every check) that the invite issuer, when it comes, will be the only writer of.
     pub ephemeral_keys: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
     /// The newest local association id (what the pushers chase).
     pub local_id: tokio::sync::watch::Receiver<i64>,

@@ -18,6 +18,7 @@ use crate::actors::store::{ApplyReplicated, AssociationStore, Replicated};
 use crate::crypto::verify_json_batch;
 use crate::mesh::peers::{Peer, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
+use crate::mesh::wire::{PushAccepted, PushBody};
 
 /// Largest push accepted: far above our own batches, room for other implementations'.
 pub const MAX_PUSH_BYTES: usize = 32 * 1024 * 1024;
@@ -88,18 +89,16 @@ async fn push(
             .await??;
         log::debug!("replication: {count} associations from {origin}, {new} new");
     }
-    Ok(HttpResponse::Ok().json(json!({ "success": true })))
+    Ok(HttpResponse::Ok().json(PushAccepted { success: true }))
 }
 
 /// Parses and verifies a push body from `peer`: every association or an error naming the
 /// ones that failed. Sorted by origin id.
 fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
-    let body: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadJson(format!("Malformed JSON: {e}")))?;
-    let assocs = body
-        .get("sgAssocs")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ApiError::BadJson("Missing 'sgAssocs' (an object)".into()))?;
+    let body: PushBody = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadJson(format!("Not a push body ({{\"sgAssocs\": {{…}}}}): {e}"))
+    })?;
+    let assocs = &body.sg_assocs;
     // Fields first, then every signature in one batch.
     type Parsed<'a> = (&'a String, Option<(&'a Map<String, Value>, Replicated)>);
     let parsed: Vec<Parsed> = assocs

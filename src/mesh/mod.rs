@@ -1,6 +1,8 @@
-//! The mesh: who the peers are (`peers`) and the mutual TLS between them (`tls`). The actors
+//! The mesh: who the peers are (`peers`), the mutual TLS between them (`tls`) and what they
+//! send each other (`wire`). The actors
 //! that push (`crate::actors::pusher`, `crate::actors::peers`) and the receiver
 //! (`crate::http::replication`) build on these.
 
 pub mod peers;
 pub mod tls;
+pub mod wire;

@@ -1,0 +1,24 @@
+//! Sydent's replication wire format, one set of types for the pusher and the receiver.
+//!
+//! `POST /_matrix/identity/replicate/v1/push` carries `{"sgAssocs": {"<originId>": <signed
+//! association>, …}}`: the keys are the origin's local ids as decimal strings, the values the
+//! associations as the origin signed them (kept as JSON values: they are verified and stored
+//! byte for byte as received). A push that is applied is answered `{"success": true}`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The body of a push.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PushBody {
+    #[serde(rename = "sgAssocs")]
+    pub sg_assocs: BTreeMap<String, Value>,
+}
+
+/// The answer to an applied push.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PushAccepted {
+    pub success: bool,
+}
