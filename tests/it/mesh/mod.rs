@@ -401,3 +401,49 @@ async fn peer_files_added_and_removed_at_run_time() {
     mesh.wait_lookup(&[A, B], "fromc@example.com", Some("@c:c.test"))
         .await;
 }
+
+#[tokio::test]
+async fn a_hung_peer_delays_no_one() {
+    let mesh = Mesh::start(&["a.test", "b.test"]).await;
+    // A "peer" that accepts connections and never answers, not even the TLS handshake.
+    let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tarpit_port = tarpit.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in tarpit.incoming() {
+            held.push(conn); // keep it open, say nothing
+        }
+    });
+    let key = NodeSigningKey::generate();
+    std::fs::write(
+        mesh.peers_dir.join("tarpit.conf"),
+        peer_file_text(
+            "tarpit.test",
+            &format!("https://localhost:{tarpit_port}"),
+            &key.verify_key(),
+        ),
+    )
+    .unwrap();
+    mesh.hup_all();
+    mesh.wait_for_peers(A, 2).await;
+
+    // A's queue to the tarpit is stuck in a push; its queue to B and its clients are not.
+    let started = Instant::now();
+    for n in 0..20 {
+        mesh.bind(A, &format!("h{n}@example.com"), "@h:a.test")
+            .await;
+    }
+    mesh.wait_lookup(&[B], "h19@example.com", Some("@h:a.test"))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let status = mesh.status(A).await;
+    assert_eq!(status["peers"]["b.test"]["backlog"], 0, "{status}");
+    assert_ne!(
+        status["peers"]["tarpit.test"]["cursor"], status["local_id"],
+        "{status}"
+    );
+}
