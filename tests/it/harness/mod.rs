@@ -264,18 +264,34 @@ pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
-/// Runs the binary to completion (for commands and for startups that must fail).
+/// Runs the binary to completion (for commands and for startups that must fail); one that is
+/// still running after 30 s (a node that started when it should not have) is killed and fails
+/// the test.
 pub fn run_to_exit(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BINARY)
+    use std::io::Read;
+    let mut child = Command::new(BINARY)
         .args(args)
         .current_dir(dir)
         .env_remove("SYDENT_CONF")
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("binary runs");
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("piped stderr")));
+    let status = wait_with_deadline(&mut child, Duration::from_secs(30));
     (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code(),
+        stdout.join().expect("stdout reader"),
+        stderr.join().expect("stderr reader"),
     )
 }
 

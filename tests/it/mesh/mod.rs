@@ -447,3 +447,42 @@ async fn a_hung_peer_delays_no_one() {
         "{status}"
     );
 }
+
+#[test]
+fn bad_replication_settings_stop_startup_naming_the_key() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mesh CA");
+    let (certfile, cacert) = ca.write_node_files(root.path(), "n.test");
+    let peers = root.path().join("peers.d");
+    let config = mesh_config(root.path(), "n.test", &peers, &certfile, &cacert);
+    std::fs::write(root.path().join("not-a-ca.pem"), "no certificate in here\n").unwrap();
+    let cases = [
+        (
+            config.replace(
+                &format!("db.file = {}/sydent.db", root.path().display()),
+                "db.file = :memory:",
+            ),
+            "[db] db.file",
+        ),
+        (
+            config.replace(&certfile.display().to_string(), "/nonexistent/cert.pem"),
+            "[http] replication.https.certfile: cannot read /nonexistent/cert.pem",
+        ),
+        (
+            config.replace(
+                &cacert.display().to_string(),
+                &root.path().join("not-a-ca.pem").display().to_string(),
+            ),
+            "[http] replication.https.cacert",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = root.path().join("bad.conf");
+        std::fs::write(&path, &text).unwrap();
+        let (code, _, err) =
+            crate::harness::run_to_exit(root.path(), &["--config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{expected}: {err}");
+        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
