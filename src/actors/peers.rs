@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::pusher::{PushStatus, Pusher, SharedStatus, StopPusher};
 use crate::config::PeerSection;
@@ -28,6 +28,9 @@ pub const RESCAN_INTERVAL: Duration = Duration::from_secs(3);
 pub struct ActivePeer {
     pub peer: Peer,
     pub status: SharedStatus,
+    /// Wakes this peer's pusher from its backoff: the receiver pulls it when the peer has
+    /// just pushed to us (it is up again).
+    pub wake: Arc<Notify>,
 }
 
 /// The active peers by server name, shared read-mostly. A lock rather than asking the registry
@@ -100,7 +103,7 @@ pub struct PeerRegistry {
     pub active: ActivePeers,
     /// The first scan, made by `Node::start` before serving.
     pub initial: Option<BTreeMap<String, Peer>>,
-    pushers: BTreeMap<String, (Peer, SharedStatus, Addr<Pusher>)>,
+    pushers: BTreeMap<String, (ActivePeer, Addr<Pusher>)>,
     reported: Vec<String>,
     scanning: bool,
 }
@@ -143,11 +146,11 @@ impl PeerRegistry {
         let gone: Vec<String> = self
             .pushers
             .iter()
-            .filter(|(name, (old, _, _))| peers.get(*name).is_none_or(|new| new != old))
+            .filter(|(name, (old, _))| peers.get(*name).is_none_or(|new| *new != old.peer))
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            if let Some((_, _, addr)) = self.pushers.remove(&name) {
+            if let Some((_, addr)) = self.pushers.remove(&name) {
                 addr.do_send(StopPusher);
             }
         }
@@ -160,6 +163,11 @@ impl PeerRegistry {
                 state: "starting",
                 ..PushStatus::default()
             }));
+            let active = ActivePeer {
+                peer: peer.clone(),
+                status,
+                wake: Arc::new(Notify::new()),
+            };
             let addr = Pusher {
                 peer: peer.clone(),
                 own_name: self.sources.own_name.clone(),
@@ -167,24 +175,16 @@ impl PeerRegistry {
                 signing_key: self.signing_key.clone(),
                 client: self.client.clone(),
                 local_id: self.local_id.clone(),
-                status: Arc::clone(&status),
+                status: Arc::clone(&active.status),
+                wake: Arc::clone(&active.wake),
             }
             .start();
-            self.pushers
-                .insert(name.clone(), (peer.clone(), status, addr));
+            self.pushers.insert(name.clone(), (active, addr));
         }
         self.active.set(
             self.pushers
                 .iter()
-                .map(|(name, (peer, status, _))| {
-                    (
-                        name.clone(),
-                        ActivePeer {
-                            peer: peer.clone(),
-                            status: Arc::clone(status),
-                        },
-                    )
-                })
+                .map(|(name, (active, _))| (name.clone(), active.clone()))
                 .collect(),
         );
     }
@@ -243,7 +243,7 @@ impl Handler<StopAll> for PeerRegistry {
     type Result = ();
 
     fn handle(&mut self, _: StopAll, ctx: &mut Context<Self>) {
-        for (_, (_, _, addr)) in std::mem::take(&mut self.pushers) {
+        for (_, (_, addr)) in std::mem::take(&mut self.pushers) {
             addr.do_send(StopPusher);
         }
         ctx.stop();

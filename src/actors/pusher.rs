@@ -16,7 +16,7 @@ use diesel::SqliteConnection;
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::association::ThreepidAssociation;
 use crate::crypto::NodeSigningKey;
@@ -28,6 +28,8 @@ use crate::mesh::wire::PushBody;
 pub const BATCH_SIZE: i64 = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A push with nothing in it: the hello a pusher sends when it starts caught up.
+const EMPTY_PUSH: &[u8] = br#"{"sgAssocs":{}}"#;
 
 /// What `GET /_matrix/identity/internal/replication` shows for a peer.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -60,6 +62,7 @@ pub struct Pusher {
     pub client: reqwest::Client,
     pub local_id: watch::Receiver<i64>,
     pub status: SharedStatus,
+    pub wake: Arc<Notify>,
 }
 
 /// Stops a pusher (its peer was removed or changed). An in-flight push is abandoned; the
@@ -87,6 +90,7 @@ impl Actor for Pusher {
             client: self.client.clone(),
             local_id: self.local_id.clone(),
             status: Arc::clone(&self.status),
+            wake: Arc::clone(&self.wake),
             conn: None,
         };
         ctx.spawn(job.run().into_actor(self));
@@ -111,6 +115,7 @@ struct PushLoop {
     client: reqwest::Client,
     local_id: watch::Receiver<i64>,
     status: SharedStatus,
+    wake: Arc<Notify>,
     /// Travels to the blocking thread and back, like the store's.
     conn: Option<SqliteConnection>,
 }
@@ -166,6 +171,7 @@ impl PushLoop {
             }
         };
         self.update(|s| s.cursor = cursor);
+        let mut greeted = false;
         loop {
             // Mark the current local id as seen before reading: a bind committed after this
             // point wakes the wait below even if this read already includes it.
@@ -183,6 +189,15 @@ impl PushLoop {
                     s.backlog = 0;
                     s.state = "idle";
                 });
+                if !greeted {
+                    // Caught up at start: an empty push tells the peer we are (back) up, so
+                    // its pusher to us leaves its backoff at once instead of after up to
+                    // BACKOFF_MAX. Sydent answers it 200 too.
+                    greeted = true;
+                    if let Err(e) = self.post(EMPTY_PUSH.to_vec()).await {
+                        log::debug!("replication: hello to {} failed: {e}", self.peer_name);
+                    }
+                }
                 if self.local_id.changed().await.is_err() {
                     return; // the store has stopped: the node is shutting down
                 }
@@ -194,6 +209,7 @@ impl PushLoop {
             });
             match self.post(batch.body).await {
                 Ok(()) => {
+                    greeted = true;
                     cursor = batch.last_id;
                     let (name, now) = (self.peer_name.clone(), crate::now_ms());
                     if let Err(e) = self
@@ -239,11 +255,14 @@ impl PushLoop {
         });
     }
 
-    /// Sleeps `backoff` ± 25 % and returns the next, doubled and capped.
+    /// Sleeps `backoff` ± 25 % and returns the next, doubled and capped; returns at once,
+    /// with the backoff reset, when the peer is known to be back (it pushed to us).
     async fn pause(&self, backoff: Duration) -> Duration {
         let jitter = 0.75 + (OsRng.next_u32() as f64 / u32::MAX as f64) * 0.5;
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        (backoff * 2).min(BACKOFF_MAX)
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => (backoff * 2).min(BACKOFF_MAX),
+            _ = self.wake.notified() => BACKOFF_MIN,
+        }
     }
 
     /// The next batch after `cursor`, signed, or `None` when caught up.

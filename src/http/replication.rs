@@ -75,6 +75,7 @@ async fn push(
         )));
     };
     let origin = peer.peer.server_name.clone();
+    let wake = std::sync::Arc::clone(&peer.wake);
     let items = web::block(move || verify_batch(&peer.peer, &body))
         .await
         .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))??;
@@ -89,6 +90,8 @@ async fn push(
             .await??;
         log::debug!("replication: {count} associations from {origin}, {new} new");
     }
+    // The peer is up: if our pusher to it is backing off, retry now.
+    wake.notify_one();
     Ok(HttpResponse::Ok().json(PushAccepted { success: true }))
 }
 

@@ -236,6 +236,24 @@ impl Mesh {
         self.hup_all();
     }
 
+    /// Restarts node `i` on its old replication port: its peer file stays valid and nobody is
+    /// told, as when an admin restarts a node. `port` is the port it had.
+    pub fn restart_same_port(&mut self, i: usize, port: u16) {
+        let n = &mut self.nodes[i];
+        let config = std::fs::read_to_string(n.config_path()).unwrap();
+        std::fs::write(
+            n.config_path(),
+            config.replace(
+                "replication.https.port = 0",
+                &format!("replication.https.port = {port}"),
+            ),
+        )
+        .unwrap();
+        let node =
+            TestNode::start(&n.dir, &n.config_path()).unwrap_or_else(|e| panic!("restart: {e}"));
+        n.node = Some(node);
+    }
+
     pub async fn bind(&self, i: usize, address: &str, mxid: &str) -> Value {
         let (status, body) = self.nodes[i]
             .node()

@@ -486,3 +486,28 @@ fn bad_replication_settings_stop_startup_naming_the_key() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_peer_back_on_the_same_address_is_served_at_once() {
+    let mut mesh = Mesh::start(&["a.test", "b.test"]).await;
+    let b_port = port_of(mesh.nodes[B].node().replication_addr.as_deref().unwrap());
+    assert!(mesh.nodes[B].node.as_mut().unwrap().stop().success());
+    mesh.bind(A, "while-down@example.com", "@w:a.test").await;
+    // Let A's queue to B back off to its cap (attempts at ~0, 0.25, 0.75, 1.75, 3.75, 7.75 s,
+    // the next ~16 s).
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let status = mesh.status(A).await;
+    assert_eq!(status["peers"]["b.test"]["state"], "retrying", "{status}");
+
+    // B comes back on the same address. Its queue to A says hello; A's queue to B leaves its
+    // backoff at once rather than seconds later.
+    let started = Instant::now();
+    mesh.restart_same_port(B, b_port);
+    mesh.wait_lookup(&[B], "while-down@example.com", Some("@w:a.test"))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "B waited {:?} for A's backoff",
+        started.elapsed()
+    );
+}
