@@ -213,3 +213,42 @@ async fn memory_database_and_log_file_without_3pids() {
     );
     assert!(!text.contains("secret.person"), "a 3PID was logged: {text}");
 }
+
+/// The config Sydent 2.6.1 itself writes on first start (every default in `[DEFAULT]`, empty
+/// sections; key line emptied for the fixture) runs unchanged: no unknown-key warnings, and
+/// the missing key is generated into its `[crypto]` line.
+#[tokio::test]
+async fn a_config_written_by_sydent_runs_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = include_str!("../fixtures/sydent-2.6.1-generated.conf");
+    let config = fixture
+        .replace("@DIR@", &dir.path().display().to_string())
+        .replace("server.name = \n", "server.name = sydent.example.org\n")
+        .replace(
+            "clientapi.http.bind_address = ::\n",
+            "clientapi.http.bind_address = 127.0.0.1\n",
+        )
+        .replace("clientapi.http.port = 8090\n", "clientapi.http.port = 0\n");
+    let node = TestNode::start_with_config(dir.path(), &config);
+    let (status, _) = node.get("/_matrix/identity/api/v1").await;
+    assert_eq!(status, 200);
+    let log = node.log_text();
+    assert!(!log.contains("WARN"), "no warnings expected: {log}");
+    let written = std::fs::read_to_string(dir.path().join("sydent.conf")).unwrap();
+    let key_line = written
+        .lines()
+        .skip_while(|l| *l != "[crypto]")
+        .nth(1)
+        .unwrap();
+    assert!(
+        key_line.starts_with("ed25519.signingkey = ed25519 0 "),
+        "{written}"
+    );
+    // Only that line changed.
+    assert_eq!(
+        written
+            .replacen(key_line, "ed25519.signingkey = ", 1)
+            .trim_end(),
+        config.trim_end()
+    );
+}

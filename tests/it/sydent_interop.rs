@@ -358,4 +358,57 @@ async fn replicates_both_ways_with_a_real_sydent() {
         "{status}"
     );
     assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
+    // One more from sydent-rs, for Sydent to hold when it is replaced below.
+    let (status, _) = rust
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "fromrust@example.com", "mxid": "@fr:localhost:1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(
+        "Sydent sees the second sydent-rs bind",
+        Some("@fr:localhost:1"),
+        || sydent.lookup("fromrust@example.com"),
+        logs,
+    )
+    .await;
+    drop(rust);
+
+    // The switch: Sydent stops, sydent-rs starts on Sydent's own database and key, and serves
+    // what Sydent had: its own binding as Sydent signed it, the one it had received, and
+    // nothing that was unbound.
+    let kept = sydent
+        .internal("bind", "stays@example.com", "@stays:localhost:1")
+        .await;
+    let sydent_db = sydent.dir.join("sydent.db");
+    drop(sydent);
+    let switch_dir = root.path().join("switch");
+    std::fs::create_dir(&switch_dir).unwrap();
+    let config = format!(
+        "{}[crypto]\ned25519.signingkey = {}\n",
+        crate::harness::base_config(&switch_dir, "sydent.test").replace(
+            &format!("db.file = {}/sydent.db", switch_dir.display()),
+            &format!("db.file = {}", sydent_db.display())
+        ),
+        sydent_key.to_sydent_string()
+    );
+    let switched = TestNode::start_with_config(&switch_dir, &config);
+    let (_, served) = switched
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=stays%40example.com")
+        .await;
+    assert_eq!(served, kept, "Sydent's own binding, as Sydent signed it");
+    let (_, bulk) = switched
+        .post(
+            "/_matrix/identity/api/v1/bulk_lookup",
+            &json!({"threepids": [["email", "stays@example.com"], ["email", "fromrust@example.com"],
+                                  ["email", "rusty@example.com"], ["email", "py@example.com"]]}),
+        )
+        .await;
+    assert_eq!(
+        bulk,
+        json!({"threepids": [["email", "fromrust@example.com", "@fr:localhost:1"],
+                             ["email", "stays@example.com", "@stays:localhost:1"]]}),
+        "unbound ones stay unbound"
+    );
 }
