@@ -148,6 +148,18 @@ impl Drop for SydentNode {
     }
 }
 
+/// Bind or unbind on a sydent-rs node's internal API; the answer (200 asserted).
+async fn rust_internal(node: &TestNode, what: &str, address: &str, mxid: &str) -> Value {
+    let (status, body) = node
+        .internal_post(
+            &format!("/_matrix/identity/internal/{what}"),
+            &json!({"medium": "email", "address": address, "mxid": mxid}),
+        )
+        .await;
+    assert_eq!(status, 200, "{what} {address}: {body}");
+    body
+}
+
 /// Polls `f` until it yields `expected` (Sydent pushes on a 10 s timer: allow three ticks).
 async fn eventually<F, Fut>(what: &str, expected: Option<&str>, mut f: F, log: impl Fn() -> String)
 where
@@ -272,13 +284,7 @@ async fn replicates_both_ways_with_a_real_sydent() {
     };
 
     // sydent-rs → Sydent: a bind, pushed at once; Sydent verifies our signature and serves it.
-    let (status, signed) = rust
-        .internal_post(
-            "/_matrix/identity/internal/bind",
-            &json!({"medium": "email", "address": "Rusty@Example.com", "mxid": "@rusty:localhost:1"}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let signed = rust_internal(&rust, "bind", "Rusty@Example.com", "@rusty:localhost:1").await;
     eventually(
         "Sydent sees the sydent-rs bind",
         Some("@rusty:localhost:1"),
@@ -319,13 +325,7 @@ async fn replicates_both_ways_with_a_real_sydent() {
     sydent
         .internal("unbind", "py@example.com", "@py:localhost:1")
         .await;
-    let (status, _) = rust
-        .internal_post(
-            "/_matrix/identity/internal/unbind",
-            &json!({"medium": "email", "address": "rusty@example.com", "mxid": "@rusty:localhost:1"}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    rust_internal(&rust, "unbind", "rusty@example.com", "@rusty:localhost:1").await;
     eventually(
         "Sydent drops the unbound address",
         None,
@@ -359,13 +359,7 @@ async fn replicates_both_ways_with_a_real_sydent() {
     );
     assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
     // One more from sydent-rs, for Sydent to hold when it is replaced below.
-    let (status, _) = rust
-        .internal_post(
-            "/_matrix/identity/internal/bind",
-            &json!({"medium": "email", "address": "fromrust@example.com", "mxid": "@fr:localhost:1"}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    rust_internal(&rust, "bind", "fromrust@example.com", "@fr:localhost:1").await;
     eventually(
         "Sydent sees the second sydent-rs bind",
         Some("@fr:localhost:1"),
