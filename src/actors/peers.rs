@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,6 +32,17 @@ pub struct ActivePeer {
     /// Wakes this peer's pusher from its backoff: the receiver pulls it when the peer has
     /// just pushed to us (it is up again).
     pub wake: Arc<Notify>,
+    /// What this peer pushed to us, counted by the receiver.
+    pub inbound: Arc<Inbound>,
+}
+
+/// Pushes received from a peer (atomics: the receiver's workers count, the status page reads).
+#[derive(Debug, Default)]
+pub struct Inbound {
+    /// Associations accepted from the peer since start.
+    pub received: AtomicU64,
+    /// When the peer's last accepted push arrived (ms; 0 = never).
+    pub last_received_ts: AtomicI64,
 }
 
 /// The active peers by server name, shared read-mostly. A lock rather than asking the registry
@@ -167,6 +179,7 @@ impl PeerRegistry {
                 peer: peer.clone(),
                 status,
                 wake: Arc::new(Notify::new()),
+                inbound: Arc::default(),
             };
             let addr = Pusher {
                 peer: peer.clone(),

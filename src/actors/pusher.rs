@@ -210,6 +210,14 @@ impl PushLoop {
             match self.post(batch.body).await {
                 Ok(()) => {
                     greeted = true;
+                    let was_retrying =
+                        self.status.lock().unwrap_or_else(|e| e.into_inner()).state == "retrying";
+                    if was_retrying {
+                        log::info!(
+                            "replication: {} is reachable again; resuming after id {cursor}",
+                            self.peer_name
+                        );
+                    }
                     cursor = batch.last_id;
                     let (name, now) = (self.peer_name.clone(), crate::now_ms());
                     if let Err(e) = self

@@ -6,6 +6,7 @@
 //! hands the whole batch to the association store, which applies it all or nothing.
 
 use std::any::Any;
+use std::sync::atomic::Ordering;
 
 use actix_web::dev::Extensions;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -76,6 +77,7 @@ async fn push(
     };
     let origin = peer.peer.server_name.clone();
     let wake = std::sync::Arc::clone(&peer.wake);
+    let inbound = std::sync::Arc::clone(&peer.inbound);
     let items = web::block(move || verify_batch(&peer.peer, &body))
         .await
         .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))??;
@@ -90,6 +92,10 @@ async fn push(
             .await??;
         log::debug!("replication: {count} associations from {origin}, {new} new");
     }
+    inbound.received.fetch_add(count as u64, Ordering::Relaxed);
+    inbound
+        .last_received_ts
+        .store(crate::now_ms(), Ordering::Relaxed);
     // The peer is up: if our pusher to it is backing off, retry now.
     wake.notify_one();
     Ok(HttpResponse::Ok().json(PushAccepted { success: true }))
@@ -191,6 +197,9 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         let mut entry = serde_json::to_value(&status).unwrap_or_default();
         entry["url"] = json!(active.peer.push_url());
         entry["source"] = json!(active.peer.source.to_string());
+        let last_received = active.inbound.last_received_ts.load(Ordering::Relaxed);
+        entry["received"] = json!(active.inbound.received.load(Ordering::Relaxed));
+        entry["last_received_ts"] = json!((last_received > 0).then_some(last_received));
         out.insert(active.peer.server_name.clone(), entry);
     }
     HttpResponse::Ok().json(json!({

@@ -118,6 +118,15 @@ async fn binds_unbinds_and_rebinds_reach_every_node() {
         );
     }
 
+    // B counted what each peer pushed: A's bind and tombstone, C's two binds.
+    let on_b = mesh.status(B).await;
+    assert_eq!(on_b["peers"]["a.test"]["received"], 2, "{on_b}");
+    assert_eq!(on_b["peers"]["c.test"]["received"], 2, "{on_b}");
+    assert!(
+        on_b["peers"]["a.test"]["last_received_ts"].is_i64(),
+        "{on_b}"
+    );
+
     // The status page shows each peer caught up.
     let status = mesh.status(A).await;
     let peers = status["peers"].as_object().unwrap();
