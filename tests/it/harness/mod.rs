@@ -177,6 +177,11 @@ impl TestNode {
         self.internal_url.as_deref().expect("internal API enabled")
     }
 
+    /// The running process, for tests that signal it themselves.
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
