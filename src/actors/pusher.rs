@@ -172,16 +172,24 @@ impl PushLoop {
         };
         self.update(|s| s.cursor = cursor);
         let mut greeted = false;
+        // The batch after the one in flight, read and signed while the peer handles that one.
+        let mut prefetched: Option<Batch> = None;
         loop {
-            // Mark the current local id as seen before reading: a bind committed after this
-            // point wakes the wait below even if this read already includes it.
-            self.local_id.borrow_and_update();
-            let batch = match self.read(cursor).await {
-                Ok(batch) => batch,
-                Err(e) => {
-                    self.failed(format!("reading local associations: {e}"));
-                    backoff = self.pause(backoff).await;
-                    continue;
+            let batch = match prefetched.take() {
+                Some(batch) => Some(batch),
+                None => {
+                    // Mark the current local id as seen before reading: a bind committed after
+                    // this point wakes the wait below even if this read already includes it.
+                    // (Only a read made after the mark may decide that we are caught up.)
+                    self.local_id.borrow_and_update();
+                    match self.read(cursor).await {
+                        Ok(batch) => batch,
+                        Err(e) => {
+                            self.failed(format!("reading local associations: {e}"));
+                            backoff = self.pause(backoff).await;
+                            continue;
+                        }
+                    }
                 }
             };
             let Some(batch) = batch else {
@@ -194,7 +202,7 @@ impl PushLoop {
                     // its pusher to us leaves its backoff at once instead of after up to
                     // BACKOFF_MAX. Sydent answers it 200 too.
                     greeted = true;
-                    if let Err(e) = self.post(EMPTY_PUSH.to_vec()).await {
+                    if let Err(e) = post(&self.client, &self.url, EMPTY_PUSH.to_vec()).await {
                         log::debug!("replication: hello to {} failed: {e}", self.peer_name);
                     }
                 }
@@ -207,8 +215,12 @@ impl PushLoop {
                 s.backlog = batch.backlog;
                 s.state = "pushing";
             });
-            match self.post(batch.body).await {
+            let (client, url) = (self.client.clone(), self.url.clone());
+            let (posted, next) =
+                tokio::join!(post(&client, &url, batch.body), self.read(batch.last_id));
+            match posted {
                 Ok(()) => {
+                    prefetched = next.ok().flatten();
                     greeted = true;
                     let was_retrying =
                         self.status.lock().unwrap_or_else(|e| e.into_inner()).state == "retrying";
@@ -308,24 +320,24 @@ impl PushLoop {
         })
         .await
     }
+}
 
-    async fn post(&self, body: Vec<u8>) -> Result<(), String> {
-        let response = self
-            .client
-            .post(&self.url)
-            .header("Content-Type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let text = response.text().await.unwrap_or_default();
-        let text: String = text.chars().take(300).collect();
-        Err(format!("{} answered {status}: {text}", self.url))
+/// POSTs a push body to a peer; any 2xx is success (as Sydent).
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), String> {
+    let response = client
+        .post(url)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| describe(&e))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
     }
+    let text = response.text().await.unwrap_or_default();
+    let text: String = text.chars().take(300).collect();
+    Err(format!("{url} answered {status}: {text}"))
 }
 
 /// A reqwest error with its causes (the TLS reason is usually a few levels down).
