@@ -172,6 +172,8 @@ impl PushLoop {
         };
         self.update(|s| s.cursor = cursor);
         let mut greeted = false;
+        // Since the last failure, nothing has reached the peer.
+        let mut failing = false;
         // The batch after the one in flight, read and signed while the peer handles that one.
         let mut prefetched: Option<Batch> = None;
         loop {
@@ -222,9 +224,7 @@ impl PushLoop {
                 Ok(()) => {
                     prefetched = next.ok().flatten();
                     greeted = true;
-                    let was_retrying =
-                        self.status.lock().unwrap_or_else(|e| e.into_inner()).state == "retrying";
-                    if was_retrying {
+                    if std::mem::take(&mut failing) {
                         log::info!(
                             "replication: {} is reachable again; resuming after id {cursor}",
                             self.peer_name
@@ -257,6 +257,7 @@ impl PushLoop {
                 }
                 Err(e) => {
                     self.failed(e);
+                    failing = true;
                     backoff = self.pause(backoff).await;
                 }
             }

@@ -519,4 +519,17 @@ async fn a_peer_back_on_the_same_address_is_served_at_once() {
         "B waited {:?} for A's backoff",
         started.elapsed()
     );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mesh.nodes[A]
+        .node()
+        .log_text()
+        .contains("b.test is reachable again")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A logs the recovery:\n{}",
+            mesh.nodes[A].node().log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
