@@ -323,6 +323,7 @@ impl Node {
                 App::new()
                     .app_data(receiver.clone())
                     .app_data(web::PayloadConfig::new(http::replication::MAX_PUSH_BYTES))
+                    .wrap(http::replication::json_errors())
                     .configure(http::replication::configure_receiver)
                     .default_service(web::to(http::unknown_endpoint))
             })

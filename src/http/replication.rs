@@ -8,7 +8,10 @@
 use std::any::Any;
 use std::sync::atomic::Ordering;
 
-use actix_web::dev::Extensions;
+use actix_web::dev::{Extensions, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::ResponseError;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
@@ -47,6 +50,18 @@ pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
 pub struct ReplicationState {
     pub peers: ActivePeers,
     pub store: actix::Addr<AssociationStore>,
+}
+
+/// actix's own answers on the replication listener (a body over [`MAX_PUSH_BYTES`]) as spec
+/// JSON like every other error.
+pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().handler(StatusCode::PAYLOAD_TOO_LARGE, |res: ServiceResponse<B>| {
+        let (req, _) = res.into_parts();
+        let res = ApiError::BodyTooLarge.error_response();
+        Ok(ErrorHandlerResponse::Response(
+            ServiceResponse::new(req, res).map_into_right_body(),
+        ))
+    })
 }
 
 pub fn configure_receiver(cfg: &mut web::ServiceConfig) {

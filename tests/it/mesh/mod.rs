@@ -333,6 +333,24 @@ async fn the_receiver_verifies_peers_and_signatures() {
         );
     }
 
+    // Over the size limit: 413 M_TOO_LARGE as JSON.
+    let huge = format!(
+        r#"{{"sgAssocs": {{"1": "{}"}}}}"#,
+        "x".repeat(33 * 1024 * 1024)
+    );
+    let resp = rogue
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["errcode"],
+        "M_TOO_LARGE"
+    );
+
     // A valid certificate naming a server that is not a peer: 403 M_UNKNOWN_PEER.
     let stranger = peer_client(&ca, &root.path().join("node"), "stranger.test");
     let resp = stranger
