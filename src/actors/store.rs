@@ -1,12 +1,15 @@
 //! The association store: the one owner of writes to `local_threepid_associations` and
 //! `global_threepid_associations`.
 //!
-//! Handlers send it [`Bind`] and [`Unbind`]. Writes that arrive while a transaction is being
-//! committed wait in `pending` and are committed together in the next one (group commit), each
-//! inside its own savepoint so one failing write does not fail its neighbours. The SQLite work
-//! runs on a blocking thread (`spawn_blocking`), never on the actor's arbiter; the connection
-//! travels there and back with the batch, so there is never more than one transaction at a time.
-//! After a commit the store applies the batch to the [`SharedIndex`] and only then answers.
+//! Handlers send it [`Bind`] (built and signed on the handler's thread), [`Unbind`], and the
+//! replication receiver [`ApplyReplicated`]. Writes that arrive while a transaction is being
+//! committed wait in `pending` and are committed together in the next one (group commit); if
+//! one write of a batch fails, the batch is rolled back and retried write by write, so a
+//! failing write fails alone. The SQLite work runs on a blocking thread (`spawn_blocking`),
+//! never on the actor's arbiter; the connection travels there and back with the batch, so
+//! there is never more than one transaction at a time. On that thread, after the commit, the
+//! batch is applied to the [`SharedIndex`], the pushers are woken (newest local id) and only
+//! then are the writers answered: a client always reads its own writes.
 
 use std::sync::Arc;
 
