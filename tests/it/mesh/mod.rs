@@ -421,6 +421,30 @@ async fn peer_files_added_and_removed_at_run_time() {
     }
     assert_eq!(mesh.lookup(A, "fromc@example.com").await, None);
 
+    // A malformed file is reported by name and skipped; nothing else changes.
+    std::fs::write(
+        mesh.peers_dir.join("broken.conf"),
+        "[peer]\nserver_name = x.test\n",
+    )
+    .unwrap();
+    mesh.hup_all();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mesh.nodes[A]
+        .node()
+        .log_text()
+        .contains("broken.conf: [peer] base_replication_url is missing")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            mesh.nodes[A].node().log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mesh.bind(A, "after-broken@example.com", "@ab:a.test").await;
+    mesh.wait_lookup(&[B], "after-broken@example.com", Some("@ab:a.test"))
+        .await;
+
     // The file is back (found by the periodic rescan, no signal): C catches up both ways.
     mesh.write_peer_file(C);
     mesh.wait_lookup(&[C], "late@example.com", Some("@late:a.test"))
