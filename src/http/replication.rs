@@ -72,6 +72,11 @@ pub fn configure_status(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/identity/internal/replication").route(web::get().to(status)));
 }
 
+/// POST /_matrix/identity/replicate/v1/push `{"sgAssocs": {...}}` (replication listener only)
+///
+/// From an active peer (by its client certificate): every association verified with that
+/// peer's key, then applied all or nothing. 200 `{"success": true}`; 403 `M_UNKNOWN_PEER`;
+/// 400 `M_VERIFICATION_FAILED` with `failed_ids`; 400 `M_BAD_JSON`.
 async fn push(
     req: HttpRequest,
     state: web::Data<ReplicationState>,
