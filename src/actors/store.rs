@@ -498,7 +498,7 @@ fn apply_bind(
         lookup_hash: Some(bind.hash.clone()),
     };
     // The id is new and larger than any of ours: no re-send or newer row to check for.
-    queries::replace_own_global(conn, &row)?;
+    queries::supersede_global(conn, &row)?;
     Ok(Applied::Bound {
         signed: Arc::clone(&bind.sg_assoc),
         signatures: bind.signatures.clone(),

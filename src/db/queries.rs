@@ -108,22 +108,14 @@ pub fn put_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<b
     if superseded {
         return Ok(false);
     }
-    delete_global_from_origin(
-        conn,
-        &row.origin_server,
-        &row.medium,
-        &row.address,
-        row.origin_id,
-    )?;
-    diesel::insert_into(global::table)
-        .values(row)
-        .execute(conn)?;
+    supersede_global(conn, row)?;
     Ok(true)
 }
 
-/// Puts a row of this node's own (a bind just made, with a new and largest id) into the global
-/// table, replacing our older row for the same 3PID.
-pub fn replace_own_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<()> {
+/// Puts `row` into the global table, removing its origin's older rows for the same 3PID. As
+/// is for a bind just made here (its id is new and the largest); through [`put_global`] for
+/// rows from peers.
+pub fn supersede_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<()> {
     delete_global_from_origin(
         conn,
         &row.origin_server,

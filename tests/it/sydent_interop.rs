@@ -118,14 +118,7 @@ impl SydentNode {
             self.client,
             address.replace('@', "%40")
         );
-        client()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        crate::harness::get_json(&url).await
     }
 
     async fn internal(&self, what: &str, address: &str, mxid: &str) -> Value {
@@ -342,17 +335,11 @@ async fn replicates_both_ways_with_a_real_sydent() {
     .await;
 
     // sydent-rs's status page shows Sydent caught up.
-    let status: Value = client()
-        .get(format!(
-            "{}/_matrix/identity/internal/replication",
-            rust.internal()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = crate::harness::get_json(&format!(
+        "{}/_matrix/identity/internal/replication",
+        rust.internal()
+    ))
+    .await;
     assert_eq!(
         status["peers"]["sydent.test"]["cursor"], status["local_id"],
         "{status}"

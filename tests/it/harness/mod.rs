@@ -300,6 +300,18 @@ pub fn run_to_exit(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// GET `url`, its JSON body.
+pub async fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// The test vectors made with Sydent's Python libraries.
 pub fn vectors() -> Value {
     serde_json::from_str(include_str!("../../vectors/matrix-signing.json")).expect("vectors parse")

@@ -11,7 +11,7 @@ use rcgen::{
 };
 use serde_json::{json, Value};
 
-use crate::harness::{base_config, client, run_to_exit, signal, TestNode};
+use crate::harness::{base_config, get_json, run_to_exit, signal, TestNode};
 
 pub struct TestCa {
     pub cert_pem: String,
@@ -215,14 +215,7 @@ impl Mesh {
             "{}/_matrix/identity/internal/replication",
             self.nodes[i].node().internal()
         );
-        client()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&url).await
     }
 
     /// Restarts node `i` on the same directory (a new replication port: its peer file is
