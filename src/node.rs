@@ -213,18 +213,9 @@ impl Node {
                     sections: config.peers.clone(),
                     db_file: config.db.db_file.clone(),
                 };
-                let client = reqwest::Client::builder()
-                    .use_preconfigured_tls(
-                        tls.client_config()
-                            .map_err(|e| StartError::Other(e.to_string()))?,
-                    )
-                    .user_agent(concat!("sydent-rs/", env!("CARGO_PKG_VERSION")))
-                    .connect_timeout(std::time::Duration::from_secs(5))
-                    .timeout(std::time::Duration::from_secs(30))
-                    .pool_idle_timeout(std::time::Duration::from_secs(90))
-                    .tcp_nodelay(true)
-                    .build()
-                    .map_err(|e| StartError::Other(format!("replication client: {e}")))?;
+                let client = tls
+                    .push_client()
+                    .map_err(|e| StartError::Other(e.to_string()))?;
                 let scan_sources = sources.clone();
                 let initial = actix_web::rt::task::spawn_blocking(move || scan_sources.load())
                     .await

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -18,6 +19,8 @@ use crate::config::HttpConfig;
 pub enum TlsError {
     #[error("[http] {key}: {message}")]
     Setting { key: &'static str, message: String },
+    #[error("replication client: {0}")]
+    Client(String),
 }
 
 fn setting(key: &'static str, message: impl Into<String>) -> TlsError {
@@ -168,6 +171,20 @@ impl MeshTls {
                     format!("certificate and key do not work together: {e}"),
                 )
             })
+    }
+
+    /// The HTTP client the push queues share: mutual TLS with [`Self::client_config`], kept-alive
+    /// connections, a 5 s connect and a 30 s request timeout.
+    pub fn push_client(&self) -> Result<reqwest::Client, TlsError> {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(self.client_config()?)
+            .user_agent(concat!("sydent-rs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| TlsError::Client(e.to_string()))
     }
 
     /// The pushers' config: verifies the peer's certificate and hostname against the roots and

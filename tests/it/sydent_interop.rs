@@ -141,18 +141,6 @@ impl Drop for SydentNode {
     }
 }
 
-/// Bind or unbind on a sydent-rs node's internal API; the answer (200 asserted).
-async fn rust_internal(node: &TestNode, what: &str, address: &str, mxid: &str) -> Value {
-    let (status, body) = node
-        .internal_post(
-            &format!("/_matrix/identity/internal/{what}"),
-            &json!({"medium": "email", "address": address, "mxid": mxid}),
-        )
-        .await;
-    assert_eq!(status, 200, "{what} {address}: {body}");
-    body
-}
-
 /// Polls `f` until it yields `expected` (Sydent pushes on a 10 s timer: allow three ticks).
 async fn eventually<F, Fut>(what: &str, expected: Option<&str>, mut f: F, log: impl Fn() -> String)
 where
@@ -277,7 +265,9 @@ async fn replicates_both_ways_with_a_real_sydent() {
     };
 
     // sydent-rs → Sydent: a bind, pushed at once; Sydent verifies our signature and serves it.
-    let signed = rust_internal(&rust, "bind", "Rusty@Example.com", "@rusty:localhost:1").await;
+    let signed = rust
+        .internal_3pid("bind", "Rusty@Example.com", "@rusty:localhost:1")
+        .await;
     eventually(
         "Sydent sees the sydent-rs bind",
         Some("@rusty:localhost:1"),
@@ -318,7 +308,8 @@ async fn replicates_both_ways_with_a_real_sydent() {
     sydent
         .internal("unbind", "py@example.com", "@py:localhost:1")
         .await;
-    rust_internal(&rust, "unbind", "rusty@example.com", "@rusty:localhost:1").await;
+    rust.internal_3pid("unbind", "rusty@example.com", "@rusty:localhost:1")
+        .await;
     eventually(
         "Sydent drops the unbound address",
         None,
@@ -346,7 +337,8 @@ async fn replicates_both_ways_with_a_real_sydent() {
     );
     assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
     // One more from sydent-rs, for Sydent to hold when it is replaced below.
-    rust_internal(&rust, "bind", "fromrust@example.com", "@fr:localhost:1").await;
+    rust.internal_3pid("bind", "fromrust@example.com", "@fr:localhost:1")
+        .await;
     eventually(
         "Sydent sees the second sydent-rs bind",
         Some("@fr:localhost:1"),

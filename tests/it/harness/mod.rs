@@ -217,6 +217,32 @@ impl TestNode {
         (status, resp.json().await.expect("JSON body"))
     }
 
+    /// Bind or unbind `address` (an email) on the internal API; asserts 200 and returns the
+    /// answer.
+    pub async fn internal_3pid(&self, what: &str, address: &str, mxid: &str) -> Value {
+        let (status, body) = self
+            .internal_post(
+                &format!("/_matrix/identity/internal/{what}"),
+                &serde_json::json!({"medium": "email", "address": address, "mxid": mxid}),
+            )
+            .await;
+        assert_eq!(status, 200, "{what} {address}: {body}");
+        body
+    }
+
+    /// Waits until the node's log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// GET on the client API; returns (status, body).
     pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
         let resp = client()

@@ -9,7 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::harness::{base_config, get_json, run_to_exit, signal, TestNode};
 
@@ -248,26 +248,17 @@ impl Mesh {
     }
 
     pub async fn bind(&self, i: usize, address: &str, mxid: &str) -> Value {
-        let (status, body) = self.nodes[i]
+        self.nodes[i]
             .node()
-            .internal_post(
-                "/_matrix/identity/internal/bind",
-                &json!({"medium": "email", "address": address, "mxid": mxid}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body
+            .internal_3pid("bind", address, mxid)
+            .await
     }
 
     pub async fn unbind(&self, i: usize, address: &str, mxid: &str) {
-        let (status, body) = self.nodes[i]
+        self.nodes[i]
             .node()
-            .internal_post(
-                "/_matrix/identity/internal/unbind",
-                &json!({"medium": "email", "address": address, "mxid": mxid}),
-            )
+            .internal_3pid("unbind", address, mxid)
             .await;
-        assert_eq!(status, 200, "{body}");
     }
 
     /// The mxid node `i` answers for `address` (None: no binding).

@@ -184,11 +184,10 @@ async fn a_node_killed_mid_push_converges_after_restart() {
 /// A client that presents `name`'s certificate from `ca`.
 fn peer_client(ca: &TestCa, dir: &std::path::Path, name: &str) -> reqwest::Client {
     let (certfile, cacert) = ca.write_node_files(dir, name);
-    let tls = MeshTls::from_files(&certfile, None, Some(&cacert)).unwrap();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls.client_config().unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
+    // The very client a node's push queues use.
+    MeshTls::from_files(&certfile, None, Some(&cacert))
+        .unwrap()
+        .push_client()
         .unwrap()
 }
 
@@ -372,10 +371,7 @@ async fn the_receiver_verifies_peers_and_signatures() {
     let (other_cert, _) = other_ca.write_node_files(&other_dir, "rogue.test");
     // Trust our mesh CA for the server, present the other CA's certificate.
     let tls = MeshTls::from_files(&other_cert, None, Some(&cacert)).unwrap();
-    let impostor = reqwest::Client::builder()
-        .use_preconfigured_tls(tls.client_config().unwrap())
-        .build()
-        .unwrap();
+    let impostor = tls.push_client().unwrap();
     let result = impostor
         .post(&url)
         .json(&json!({"sgAssocs": {}}))
@@ -428,19 +424,13 @@ async fn peer_files_added_and_removed_at_run_time() {
     )
     .unwrap();
     mesh.hup_all();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !mesh.nodes[A]
+    mesh.nodes[A]
         .node()
-        .log_text()
-        .contains("broken.conf: [peer] base_replication_url is missing")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            mesh.nodes[A].node().log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .wait_for_log(
+            "broken.conf: [peer] base_replication_url is missing",
+            Duration::from_secs(10),
+        )
+        .await;
     mesh.bind(A, "after-broken@example.com", "@ab:a.test").await;
     mesh.wait_lookup(&[B], "after-broken@example.com", Some("@ab:a.test"))
         .await;
@@ -561,17 +551,8 @@ async fn a_peer_back_on_the_same_address_is_served_at_once() {
         "B waited {:?} for A's backoff",
         started.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !mesh.nodes[A]
+    mesh.nodes[A]
         .node()
-        .log_text()
-        .contains("b.test is reachable again")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "A logs the recovery:\n{}",
-            mesh.nodes[A].node().log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .wait_for_log("b.test is reachable again", Duration::from_secs(5))
+        .await;
 }
