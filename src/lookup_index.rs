@@ -183,6 +183,15 @@ impl LookupIndex {
             })
     }
 
+    /// The newest `ts` among every origin's binding of a 3PID, valid or not.
+    pub fn newest_ts(&self, medium: Medium, address: &str) -> Option<i64> {
+        self.by_threepid
+            .get(&(medium, Threepid::lookup_key(medium, address)))?
+            .iter()
+            .map(|b| b.ts)
+            .max()
+    }
+
     /// How many 3PIDs have at least one binding.
     pub fn len(&self) -> usize {
         self.by_threepid.len()

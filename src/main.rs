@@ -37,6 +37,13 @@ enum Command {
         #[arg(long)]
         url: String,
     },
+    /// Forget everything a replication peer pushed (its bindings here and how far they had
+    /// been applied), after that peer started again on a new database: its pushes are refused
+    /// until then. Run it with this node stopped.
+    ForgetOrigin {
+        /// The peer's server name, as on the status page.
+        server_name: String,
+    },
     /// Print `sydent.conf.example`: every key with its default.
     #[command(hide = true)]
     ExampleConfig,
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::PeerFile { url }) => peer_file(cli.config, &url),
+        Some(Command::ForgetOrigin { server_name }) => forget_origin(cli.config, &server_name),
         None => run(cli.config),
     }
 }
@@ -95,6 +103,45 @@ fn peer_file(config_path_arg: Option<PathBuf>, url: &str) -> ExitCode {
         )
     );
     ExitCode::SUCCESS
+}
+
+fn forget_origin(config_path_arg: Option<PathBuf>, origin: &str) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load(&config_path(config_path_arg), &env) {
+        Ok(loaded) => loaded.config,
+        Err(e) => return fail(e),
+    };
+    // The running node keeps the bindings in memory: it must not be running.
+    if let Some(pid) = config
+        .general
+        .pidfile_path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.trim().parse::<u32>().ok())
+    {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return fail(format!(
+                "the node is running (pid {pid}): stop it first, then run forget-origin again"
+            ));
+        }
+    }
+    if origin == config.general.server_name {
+        return fail(format!("{origin} is this node's own name"));
+    }
+    let result = sydent_rs::db::open(&config.db.db_file)
+        .map_err(|e| e.to_string())
+        .and_then(|(mut conn, _)| {
+            sydent_rs::db::queries::forget_origin(&mut conn, origin).map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(removed) => {
+            println!(
+                "forgot {origin}: removed {removed} of its bindings; its next pushes are applied from its first id"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn run(config_path_arg: Option<PathBuf>) -> ExitCode {

@@ -306,6 +306,10 @@ impl Node {
             let receiver = web::Data::new(http::replication::ReplicationState {
                 peers: active_peers.clone(),
                 store: store.clone(),
+                max_clock_skew_ms: i64::try_from(config.http.replication_max_clock_skew_secs)
+                    .unwrap_or(i64::MAX / 1000)
+                    .saturating_mul(1000),
+                now_ms: crate::now_ms,
             });
             let server_config = tls
                 .server_config()
@@ -313,13 +317,12 @@ impl Node {
             let server = HttpServer::new(move || {
                 App::new()
                     .app_data(receiver.clone())
-                    .app_data(web::PayloadConfig::new(http::replication::MAX_PUSH_BYTES))
-                    .wrap(http::replication::json_errors())
                     .configure(http::replication::configure_receiver)
                     .default_service(web::to(http::unknown_endpoint))
             })
             .on_connect(http::replication::on_connect)
             .workers(1)
+            .max_connections(http::replication::MAX_CONNECTIONS)
             .disable_signals()
             .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
             .listen_rustls_0_23(listener, server_config)

@@ -43,6 +43,30 @@ pub struct Inbound {
     pub received: AtomicU64,
     /// When the peer's last accepted push arrived (ms; 0 = never).
     pub last_received_ts: AtomicI64,
+    /// Why its last push was refused, until one is accepted. A mutex, not an actor: the
+    /// receiver sets it once per push and the status page copies it; never held across I/O.
+    refusal: Mutex<Option<Refusal>>,
+}
+
+/// A push this node refused, as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Refusal {
+    pub ts: i64,
+    pub errcode: &'static str,
+    pub error: String,
+}
+
+impl Inbound {
+    pub fn set_refusal(&self, refusal: Option<Refusal>) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = refusal;
+    }
+
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The active peers by server name, shared read-mostly. A lock rather than asking the registry

@@ -20,7 +20,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
-use crate::db::queries::{self, NewLocalRow};
+use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::{DbError, GlobalRow};
 use crate::lookup_index::SharedIndex;
 use crate::types::{Mxid, Threepid};
@@ -40,6 +40,22 @@ pub enum StoreError {
     Sign(String),
     #[error("the association store has stopped")]
     Stopped,
+    /// A peer pushed rows of its own at or below what was already applied from it, but newer
+    /// than it: its ids started again (a new database under the same name). Nothing of the
+    /// push is applied.
+    #[error(
+        "{origin} pushed id {pushed_id} (ts {pushed_ts}), but ids up to {} (ts up to {}) were \
+         already applied from it: its ids started again, as with a new database. Its pushes \
+         are refused until an admin runs `sydent-rs forget-origin {origin}` on this node \
+         (see the README)",
+        mark.origin_id, mark.ts
+    )]
+    OriginIdsRestarted {
+        origin: String,
+        mark: OriginMark,
+        pushed_id: i64,
+        pushed_ts: i64,
+    },
 }
 
 /// Sent by the client and internal bind handlers: bind a 3PID to an mxid now, replacing any
@@ -53,9 +69,20 @@ pub enum StoreError {
 pub struct Bind(PreparedBind);
 
 impl Bind {
-    /// Builds and signs the association (its `ts` is now).
-    pub fn new(ctx: &StoreContext, threepid: Threepid, mxid: Mxid) -> Result<Self, StoreError> {
-        PreparedBind::new(ctx, &threepid, &mxid).map(Self)
+    /// Builds and signs the association. Its `ts` is now, or just after the newest binding of
+    /// the 3PID that `index` holds if a peer's clock put that one ahead of ours: a bind made
+    /// here must win over what is already there (lookups answer the newest `ts`). It is valid
+    /// from now either way.
+    pub fn new(
+        ctx: &StoreContext,
+        index: &SharedIndex,
+        threepid: Threepid,
+        mxid: Mxid,
+    ) -> Result<Self, StoreError> {
+        let now = (ctx.now_ms)();
+        let newest = index.read(|i| i.newest_ts(threepid.medium, &threepid.address));
+        let ts = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
+        PreparedBind::new(ctx, &threepid, &mxid, now, ts).map(Self)
     }
 }
 
@@ -87,8 +114,11 @@ pub struct Replicated {
 }
 
 /// Sent by the replication receiver: apply a verified batch from `origin`, all or nothing.
-/// Bindings go into the global table (idempotent on origin and id); a tombstone removes that
-/// origin's older rows for its 3PID (never another origin's). Answers how many rows were new.
+/// Rows at or below the origin's mark (the highest id applied from it) are re-sends or late
+/// copies and are skipped; above it, bindings go into the global table and a tombstone removes
+/// that origin's older rows for its 3PID (never another origin's), and the mark moves to the
+/// batch's last id. Answers how many rows were applied; refuses the whole batch with
+/// [`StoreError::OriginIdsRestarted`] when the origin's ids started again.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct ApplyReplicated {
@@ -114,10 +144,18 @@ pub struct PreparedBind {
 }
 
 impl PreparedBind {
-    fn new(ctx: &StoreContext, threepid: &Threepid, mxid: &Mxid) -> Result<Self, StoreError> {
+    fn new(
+        ctx: &StoreContext,
+        threepid: &Threepid,
+        mxid: &Mxid,
+        now: i64,
+        ts: i64,
+    ) -> Result<Self, StoreError> {
         let Threepid { medium, address } = threepid;
-        let assoc =
-            ThreepidAssociation::binding(medium.as_str(), address, mxid.as_str(), (ctx.now_ms)());
+        let assoc = ThreepidAssociation {
+            ts,
+            ..ThreepidAssociation::binding(medium.as_str(), address, mxid.as_str(), now)
+        };
         let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
         let signatures = signed
             .get("signatures")
@@ -506,15 +544,37 @@ fn apply_bind(
     })
 }
 
-/// A verified batch from a peer, in one savepoint: all of it or none of it.
+/// A verified batch from a peer, inside the caller's transaction: all of it or none of it.
 fn apply_replicated(
     conn: &mut SqliteConnection,
     ctx: &StoreContext,
     batch: &ApplyReplicated,
 ) -> Result<Applied, StoreError> {
+    let mark = queries::origin_mark(conn, &batch.origin)?;
+    if let Some(mark) = mark {
+        // Below the mark and newer than it: not something we had, but a new sequence.
+        if let Some(item) = batch
+            .items
+            .iter()
+            .find(|i| i.origin_id <= mark.origin_id && i.ts > mark.ts)
+        {
+            return Err(StoreError::OriginIdsRestarted {
+                origin: batch.origin.clone(),
+                mark,
+                pushed_id: item.origin_id,
+                pushed_ts: item.ts,
+            });
+        }
+    }
+    let above = mark.map_or(i64::MIN, |m| m.origin_id);
     let mut inserted = Vec::new();
     let mut removed = Vec::new();
-    for item in &batch.items {
+    let mut new_mark = mark;
+    for item in batch.items.iter().filter(|i| i.origin_id > above) {
+        new_mark = Some(OriginMark {
+            origin_id: item.origin_id,
+            ts: new_mark.map_or(item.ts, |m| m.ts.max(item.ts)),
+        });
         match &item.mxid {
             Some(mxid) => {
                 let row = GlobalRow {
@@ -529,9 +589,9 @@ fn apply_replicated(
                     sg_assoc: item.sg_assoc.clone(),
                     lookup_hash: Some(lookup_hash(&item.address, &item.medium, &ctx.pepper)),
                 };
-                if queries::put_global(conn, &row)? {
-                    inserted.push(row);
-                }
+                // Above the mark: newer than every row of this origin stored here.
+                queries::supersede_global(conn, &row)?;
+                inserted.push(row);
             }
             None => {
                 queries::delete_global_from_origin(
@@ -543,6 +603,11 @@ fn apply_replicated(
                 )?;
                 removed.push((item.medium.clone(), item.address.clone(), item.origin_id));
             }
+        }
+    }
+    if new_mark != mark {
+        if let Some(new_mark) = new_mark {
+            queries::set_origin_mark(conn, &batch.origin, new_mark)?;
         }
     }
     Ok(Applied::Replicated {

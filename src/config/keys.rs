@@ -211,6 +211,12 @@ pub const KEYS: &[KeyDef] = &[
     key("http", "replication.https.port", "4434", "Replication listener port."),
     key(
         "http",
+        "replication.max_clock_skew",
+        "600",
+        "sydent-rs: seconds a pushed association's ts may lie ahead of this clock; pushes with later ones are refused until they are not.",
+    ),
+    key(
+        "http",
         "obey_x_forwarded_for",
         "false",
         "Take the client address from X-Forwarded-For (behind a reverse proxy).",

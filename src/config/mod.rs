@@ -100,6 +100,8 @@ pub struct HttpConfig {
     pub replication_cacert: Option<PathBuf>,
     pub replication_bind_address: String,
     pub replication_port: u16,
+    /// Seconds a pushed association's `ts` may lie ahead of this node's clock.
+    pub replication_max_clock_skew_secs: u64,
     pub obey_x_forwarded_for: bool,
     pub federation_verifycerts: bool,
     pub client_http_base: String,
@@ -480,6 +482,7 @@ fn http(r: &Reader<'_>) -> Result<HttpConfig, ConfigError> {
         replication_cacert: path("replication.https.cacert")?,
         replication_bind_address: address("replication.https.bind_address")?,
         replication_port: r.port(S, "replication.https.port")?,
+        replication_max_clock_skew_secs: r.number::<u64>(S, "replication.max_clock_skew")?,
         obey_x_forwarded_for: r.boolean(S, "obey_x_forwarded_for")?,
         federation_verifycerts: r.boolean(S, "federation.verifycerts")?,
         client_http_base: r

@@ -3,7 +3,10 @@
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-use super::schema::{global_threepid_associations as global, local_threepid_associations as local};
+use super::schema::{
+    global_threepid_associations as global, local_threepid_associations as local,
+    replication_origin_marks as marks,
+};
 
 /// A row of `local_threepid_associations`: a binding made on this node, or its tombstone
 /// (`mxid` NULL). Its `id` is the replication sequence number (`originId` on peers).
@@ -75,46 +78,61 @@ pub fn local_for(
 // One origin's rows for one 3PID. `+originServer` makes SQLite use the (medium, address)
 // index: left to itself it walks every row of the origin through (originServer, originId),
 // and a bind's cost grew with the table.
-const NEWER_FROM_ORIGIN: &str = "SELECT id FROM global_threepid_associations \
-     WHERE medium = ? AND address = ? AND +originServer = ? AND originId > ? LIMIT 1";
 const OLDER_FROM_ORIGIN_DELETE: &str = "DELETE FROM global_threepid_associations \
      WHERE medium = ? AND address = ? AND +originServer = ? AND originId < ?";
 
-/// Puts `row` into the global table after removing what the same origin said before about
-/// the same 3PID (a rebind supersedes the origin's older binding; other origins' rows stay and
-/// the newest `ts` wins at lookup). A re-sent row (same origin and id) is ignored.
-/// Returns whether the row was new.
-pub fn put_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<bool> {
-    let already = global::table
-        .filter(
-            global::origin_server
-                .eq(&row.origin_server)
-                .and(global::origin_id.eq(row.origin_id)),
-        )
-        .select(global::id)
-        .load_iter::<i64, _>(conn)?
-        .next()
-        .is_some();
-    // Also ignored: an older row of an origin that has since rebound or unbound that 3PID
-    // (a replayed or reordered push must not resurrect it).
-    let superseded = already
-        || !diesel::sql_query(NEWER_FROM_ORIGIN)
-            .bind::<Text, _>(&row.medium)
-            .bind::<Text, _>(&row.address)
-            .bind::<Text, _>(&row.origin_server)
-            .bind::<BigInt, _>(row.origin_id)
-            .load::<IdRow>(conn)?
-            .is_empty();
-    if superseded {
-        return Ok(false);
-    }
-    supersede_global(conn, row)?;
-    Ok(true)
+/// How far an origin's pushes have been applied: its highest `originId` and the newest `ts`
+/// among the rows up to it (a row pushed later with an id at or below the mark but a newer
+/// `ts` cannot be a re-send: the origin's ids started again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Queryable)]
+pub struct OriginMark {
+    pub origin_id: i64,
+    pub ts: i64,
 }
 
-/// Puts `row` into the global table, removing its origin's older rows for the same 3PID. As
-/// is for a bind just made here (its id is new and the largest); through [`put_global`] for
-/// rows from peers.
+/// The mark of `origin`, if anything of it was ever applied.
+pub fn origin_mark(conn: &mut SqliteConnection, origin: &str) -> QueryResult<Option<OriginMark>> {
+    marks::table
+        .filter(marks::origin_server.eq(origin))
+        .select((marks::max_origin_id, marks::max_origin_ts))
+        .first::<OriginMark>(conn)
+        .optional()
+}
+
+/// Moves `origin`'s mark forward (never back).
+pub fn set_origin_mark(
+    conn: &mut SqliteConnection,
+    origin: &str,
+    mark: OriginMark,
+) -> QueryResult<()> {
+    diesel::insert_into(marks::table)
+        .values((
+            marks::origin_server.eq(origin),
+            marks::max_origin_id.eq(mark.origin_id),
+            marks::max_origin_ts.eq(mark.ts),
+        ))
+        .on_conflict(marks::origin_server)
+        .do_update()
+        .set((
+            marks::max_origin_id.eq(mark.origin_id),
+            marks::max_origin_ts.eq(mark.ts),
+        ))
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// Forgets everything `origin` ever pushed: its rows of the global table and its mark (the
+/// admin's step when a peer starts again on a new database). Returns the rows removed.
+pub fn forget_origin(conn: &mut SqliteConnection, origin: &str) -> QueryResult<usize> {
+    conn.transaction(|c| {
+        diesel::delete(marks::table.filter(marks::origin_server.eq(origin))).execute(c)?;
+        diesel::delete(global::table.filter(global::origin_server.eq(origin))).execute(c)
+    })
+}
+
+/// Puts `row` into the global table, removing its origin's older rows for the same 3PID. The
+/// caller knows the row is newer than anything of its origin stored: a bind just made here
+/// (its id is new and the largest), or a peer's row above that peer's [`OriginMark`].
 pub fn supersede_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryResult<()> {
     delete_global_from_origin(
         conn,
@@ -144,13 +162,6 @@ pub fn delete_global_from_origin(
         .bind::<Text, _>(origin)
         .bind::<BigInt, _>(before_origin_id)
         .execute(conn)
-}
-
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = BigInt)]
-    #[allow(dead_code)]
-    id: i64,
 }
 
 /// Hands every global row to `f`, one at a time (the index is built without holding the
@@ -257,7 +268,7 @@ mod tests {
         detail: String,
     }
 
-    /// The queries of the bind and replication paths (the same SQL text as above) must find
+    /// The query of the bind and replication paths (the same SQL text as above) must find
     /// one origin's rows for one 3PID through the 3PID index: walking the origin's rows made
     /// each bind cost grow with the table (2,000 binds/s at 10 k rows, 2 at 45 k).
     #[test]
@@ -265,20 +276,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plan.db");
         let (mut conn, _) = crate::db::open(path.to_str().unwrap()).unwrap();
-        for sql in [super::NEWER_FROM_ORIGIN, super::OLDER_FROM_ORIGIN_DELETE] {
-            let plan: Vec<Plan> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
-                .bind::<diesel::sql_types::Text, _>("email")
-                .bind::<diesel::sql_types::Text, _>("x@example.org")
-                .bind::<diesel::sql_types::Text, _>("a.example")
-                .bind::<diesel::sql_types::BigInt, _>(5)
-                .load(&mut conn)
-                .unwrap();
-            let plan: Vec<String> = plan.into_iter().map(|p| p.detail).collect();
-            assert!(
-                plan.iter()
-                    .any(|d| d.contains("INDEX global_threepid_medium_address ")),
-                "{sql}: {plan:?}"
-            );
-        }
+        let sql = super::OLDER_FROM_ORIGIN_DELETE;
+        let plan: Vec<Plan> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+            .bind::<diesel::sql_types::Text, _>("email")
+            .bind::<diesel::sql_types::Text, _>("x@example.org")
+            .bind::<diesel::sql_types::Text, _>("a.example")
+            .bind::<diesel::sql_types::BigInt, _>(5)
+            .load(&mut conn)
+            .unwrap();
+        let plan: Vec<String> = plan.into_iter().map(|p| p.detail).collect();
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("INDEX global_threepid_medium_address ")),
+            "{sql}: {plan:?}"
+        );
     }
 }

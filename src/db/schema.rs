@@ -76,4 +76,13 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// sydent-rs: per origin, the highest `originId` applied from its pushes.
+    replication_origin_marks (origin_server) {
+        origin_server -> Text,
+        max_origin_id -> BigInt,
+        max_origin_ts -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);

@@ -41,13 +41,21 @@ pub enum ApiError {
     /// 400 `M_VERIFICATION_FAILED` with the ids that failed (Sydent's replication answer).
     #[error("Verification failed for one or more associations")]
     VerificationFailed(Vec<String>),
+    /// 400 `M_INVALID_PARAM` with `failed_ids`: pushed associations, correctly signed, that
+    /// this node does not accept (the message says why: an invalid 3PID or Matrix ID, a `ts`
+    /// too far ahead of this node's clock).
+    #[error("{0}")]
+    InvalidAssociations(String, Vec<String>),
+    /// 409 `M_ORIGIN_IDS_RESTARTED`: a peer's ids started again below what was applied from it.
+    #[error("{0}")]
+    OriginIdsRestarted(String),
     /// 500 `M_UNKNOWN`; the cause is logged, not sent.
     #[error("Internal server error")]
     Internal(String),
 }
 
 impl ApiError {
-    fn errcode(&self) -> &'static str {
+    pub fn errcode(&self) -> &'static str {
         match self {
             Self::UnknownEndpoint | Self::MethodNotAllowed => "M_UNRECOGNIZED",
             Self::BadJson(_) => "M_BAD_JSON",
@@ -57,6 +65,8 @@ impl ApiError {
             Self::NotFound(_) => "M_NOT_FOUND",
             Self::UnknownPeer(_) => "M_UNKNOWN_PEER",
             Self::VerificationFailed(_) => "M_VERIFICATION_FAILED",
+            Self::InvalidAssociations(..) => "M_INVALID_PARAM",
+            Self::OriginIdsRestarted(_) => "M_ORIGIN_IDS_RESTARTED",
             Self::Internal(_) => "M_UNKNOWN",
         }
     }
@@ -71,7 +81,9 @@ impl ResponseError for ApiError {
             | Self::MissingParams(_)
             | Self::InvalidParam(_)
             | Self::TooMany(_)
-            | Self::VerificationFailed(_) => StatusCode::BAD_REQUEST,
+            | Self::VerificationFailed(_)
+            | Self::InvalidAssociations(..) => StatusCode::BAD_REQUEST,
+            Self::OriginIdsRestarted(_) => StatusCode::CONFLICT,
             Self::UnknownPeer(_) => StatusCode::FORBIDDEN,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,7 +98,7 @@ impl ResponseError for ApiError {
             "errcode": self.errcode(),
             "error": self.to_string(),
         });
-        if let Self::VerificationFailed(ids) = self {
+        if let Self::VerificationFailed(ids) | Self::InvalidAssociations(_, ids) = self {
             body["failed_ids"] = json!(ids);
         }
         HttpResponse::build(self.status_code()).json(body)
@@ -101,7 +113,12 @@ impl From<InvalidValue> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            StoreError::OriginIdsRestarted { .. } => Self::OriginIdsRestarted(e.to_string()),
+            StoreError::Db(_) | StoreError::Sign(_) | StoreError::Stopped => {
+                Self::Internal(e.to_string())
+            }
+        }
     }
 }
 

@@ -25,7 +25,7 @@ async fn bind(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, Ap
     let (threepid, mxid) = parse(&args)?;
     let signed = state
         .store
-        .send(Bind::new(&state.store_ctx, threepid, mxid)?)
+        .send(Bind::new(&state.store_ctx, &state.index, threepid, mxid)?)
         .await??;
     Ok(HttpResponse::Ok()
         .insert_header(actix_web::http::header::ContentType::json())

@@ -1,31 +1,39 @@
 //! Replication over HTTP: the receiver (`POST /_matrix/identity/replicate/v1/push` on the
 //! mutual-TLS listener) and the status page on the internal API.
 //!
-//! The receiver identifies the pushing peer by its verified client certificate, checks every
-//! signature in the batch with that peer's key (on a blocking thread: it is CPU work), and
-//! hands the whole batch to the association store, which applies it all or nothing.
+//! The receiver identifies the pushing peer by its verified client certificate *before*
+//! reading the body (a stranger is refused without costing the node memory), reads at most
+//! [`MAX_PUSH_BYTES`], checks every signature in the batch with that peer's key and every
+//! value as the internal API would (on a blocking thread: it is CPU work), refuses rows from
+//! too far in the future, and hands the whole batch to the association store, which applies
+//! it all or nothing.
 
 use std::any::Any;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use actix_web::dev::{Extensions, ServiceResponse};
-use actix_web::http::StatusCode;
-use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::ResponseError;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::dev::Extensions;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::{resource, AppState};
-use crate::actors::peers::ActivePeers;
+use crate::actors::peers::{ActivePeer, ActivePeers, Refusal};
 use crate::actors::store::{ApplyReplicated, AssociationStore, Replicated};
 use crate::crypto::verify_json_batch;
 use crate::mesh::peers::{Peer, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
 use crate::mesh::wire::{PushAccepted, PushBody};
+use crate::types::{Mxid, Threepid};
 
-/// Largest push accepted: far above our own batches, room for other implementations'.
-pub const MAX_PUSH_BYTES: usize = 32 * 1024 * 1024;
+/// Largest push body read. Our batches of 1,000 are ~350 KB (~800 KB with the longest
+/// addresses and Matrix IDs); Sydent's are 100 associations. Nothing a peer really sends
+/// comes near it, and a push is only read once its sender is known to be a peer.
+pub const MAX_PUSH_BYTES: usize = 2 * 1024 * 1024;
+
+/// Connections the replication listener holds at once: each peer needs one or two (its push
+/// queue and its hello); the rest wait in the accept backlog.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// The names the client certificate of a connection proves, set in `on_connect`.
 #[derive(Debug, Clone)]
@@ -50,18 +58,10 @@ pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
 pub struct ReplicationState {
     pub peers: ActivePeers,
     pub store: actix::Addr<AssociationStore>,
-}
-
-/// actix's own answers on the replication listener (a body over [`MAX_PUSH_BYTES`]) as spec
-/// JSON like every other error.
-pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
-    ErrorHandlers::new().handler(StatusCode::PAYLOAD_TOO_LARGE, |res: ServiceResponse<B>| {
-        let (req, _) = res.into_parts();
-        let res = ApiError::BodyTooLarge.error_response();
-        Ok(ErrorHandlerResponse::Response(
-            ServiceResponse::new(req, res).map_into_right_body(),
-        ))
-    })
+    /// `[http] replication.max_clock_skew`, in milliseconds.
+    pub max_clock_skew_ms: i64,
+    /// This node's clock (a parameter so tests of the skew rule can fix time).
+    pub now_ms: fn() -> i64,
 }
 
 pub fn configure_receiver(cfg: &mut web::ServiceConfig) {
@@ -72,35 +72,81 @@ pub fn configure_status(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/identity/internal/replication").route(web::get().to(status)));
 }
 
-/// POST /_matrix/identity/replicate/v1/push `{"sgAssocs": {...}}` (replication listener only)
-///
-/// From an active peer (by its client certificate): every association verified with that
-/// peer's key, then applied all or nothing. 200 `{"success": true}`; 403 `M_UNKNOWN_PEER`;
-/// 400 `M_VERIFICATION_FAILED` with `failed_ids`; 400 `M_BAD_JSON`.
-async fn push(
-    req: HttpRequest,
-    state: web::Data<ReplicationState>,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+/// The active peer a connection's client certificate names, or 403 `M_UNKNOWN_PEER`.
+fn pushing_peer(req: &HttpRequest, peers: &ActivePeers) -> Result<ActivePeer, ApiError> {
     let names = req
         .conn_data::<PeerIdentity>()
         .map(|p| p.0.clone())
         .unwrap_or_default();
-    let Some(peer) = names.iter().find_map(|n| state.peers.get(n)) else {
+    names.iter().find_map(|n| peers.get(n)).ok_or_else(|| {
         log::warn!(
             "replication: refused a push from a certificate naming {names:?}: not an active peer"
         );
-        return Err(ApiError::UnknownPeer(format!(
+        ApiError::UnknownPeer(format!(
             "This peer is not known to this server: {}",
             names.first().map(String::as_str).unwrap_or("(no name)")
-        )));
-    };
-    let origin = peer.peer.server_name.clone();
-    let wake = std::sync::Arc::clone(&peer.wake);
-    let inbound = std::sync::Arc::clone(&peer.inbound);
-    let items = web::block(move || verify_batch(&peer.peer, &body))
+        ))
+    })
+}
+
+/// POST /_matrix/identity/replicate/v1/push `{"sgAssocs": {...}}` (replication listener only)
+///
+/// From an active peer (by its client certificate, checked before the body is read): every
+/// association verified with that peer's key, then applied all or nothing. 200
+/// `{"success": true}`; 403 `M_UNKNOWN_PEER`; 413 `M_TOO_LARGE`; 400 `M_VERIFICATION_FAILED`
+/// or `M_INVALID_PARAM` with `failed_ids`; 400 `M_BAD_JSON`; 409 `M_ORIGIN_IDS_RESTARTED`.
+async fn push(
+    req: HttpRequest,
+    state: web::Data<ReplicationState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let peer = pushing_peer(&req, &state.peers)?;
+    if req
+        .get_header::<actix_web::http::header::ContentLength>()
+        .is_some_and(|len| len.0 > MAX_PUSH_BYTES)
+    {
+        return Err(ApiError::BodyTooLarge);
+    }
+    let body = payload
+        .to_bytes_limited(MAX_PUSH_BYTES)
         .await
-        .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))??;
+        .map_err(|_| ApiError::BodyTooLarge)?
+        .map_err(|e| ApiError::BadJson(format!("cannot read the push body: {e}")))?;
+    let inbound = Arc::clone(&peer.inbound);
+    let result = receive(&state, &peer, body).await;
+    match &result {
+        Ok(count) => {
+            inbound.received.fetch_add(*count as u64, Ordering::Relaxed);
+            inbound
+                .last_received_ts
+                .store((state.now_ms)(), Ordering::Relaxed);
+            inbound.set_refusal(None);
+        }
+        Err(e) => inbound.set_refusal(Some(Refusal {
+            ts: (state.now_ms)(),
+            errcode: e.errcode(),
+            error: e.to_string(),
+        })),
+    }
+    // The peer is up: if our pusher to it is backing off, retry now.
+    peer.wake.notify_one();
+    result.map(|_| HttpResponse::Ok().json(PushAccepted { success: true }))
+}
+
+/// Verifies and applies one push body from `peer`; answers how many associations it held.
+async fn receive(
+    state: &ReplicationState,
+    peer: &ActivePeer,
+    body: web::Bytes,
+) -> Result<usize, ApiError> {
+    let origin = peer.peer.server_name.clone();
+    let checked_peer = peer.peer.clone();
+    let not_after = (state.now_ms)().saturating_add(state.max_clock_skew_ms);
+    let skew_secs = state.max_clock_skew_ms / 1000;
+    let items = web::block(move || verify_batch(&checked_peer, &body, not_after, skew_secs))
+        .await
+        .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))?
+        .inspect_err(|e| log::warn!("replication: refused a push from {origin}: {e}"))?;
     let count = items.len();
     if count > 0 {
         let new = state
@@ -109,27 +155,28 @@ async fn push(
                 origin: origin.clone(),
                 items,
             })
-            .await??;
+            .await?
+            .inspect_err(|e| log::error!("replication: refused a push from {origin}: {e}"))?;
         log::debug!("replication: {count} associations from {origin}, {new} new");
     }
-    inbound.received.fetch_add(count as u64, Ordering::Relaxed);
-    inbound
-        .last_received_ts
-        .store(crate::now_ms(), Ordering::Relaxed);
-    // The peer is up: if our pusher to it is backing off, retry now.
-    wake.notify_one();
-    Ok(HttpResponse::Ok().json(PushAccepted { success: true }))
+    Ok(count)
 }
 
 /// Parses and verifies a push body from `peer`: every association or an error naming the
-/// ones that failed. Sorted by origin id.
-fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
+/// ones that failed. Associations whose `ts` is after `not_after` are refused (the peer
+/// retries them once they are no longer in the future). Sorted by origin id.
+fn verify_batch(
+    peer: &Peer,
+    body: &[u8],
+    not_after: i64,
+    skew_secs: i64,
+) -> Result<Vec<Replicated>, ApiError> {
     let body: PushBody = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadJson(format!("Not a push body ({{\"sgAssocs\": {{…}}}}): {e}"))
     })?;
     let assocs = &body.sg_assocs;
     // Fields first, then every signature in one batch.
-    type Parsed<'a> = (&'a String, Option<(&'a Map<String, Value>, Replicated)>);
+    type Parsed<'a> = (&'a String, Option<(&'a Map<String, Value>, Fields)>);
     let parsed: Vec<Parsed> = assocs
         .iter()
         .map(|(id, assoc)| (id, parse_one(id, assoc)))
@@ -139,16 +186,18 @@ fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
         .filter_map(|(_, p)| p.as_ref().map(|(o, _)| *o))
         .collect();
     let mut verified = verify_json_batch(&objects, &peer.server_name, &peer.verify_key).into_iter();
-    let mut items = Vec::with_capacity(assocs.len());
+    let mut checked = Vec::with_capacity(assocs.len());
     let mut failed = Vec::new();
     for (id, item) in parsed {
         match item {
-            Some((_, item)) if verified.next() == Some(true) => items.push(item),
+            Some((_, fields)) if verified.next() == Some(true) => checked.push((id, fields)),
             _ => failed.push(id.clone()),
         }
     }
+    let sort_ids =
+        |ids: &mut Vec<String>| ids.sort_by_key(|id| id.parse::<i64>().unwrap_or(i64::MAX));
     if !failed.is_empty() {
-        failed.sort_by_key(|id| id.parse::<i64>().unwrap_or(i64::MAX));
+        sort_ids(&mut failed);
         log::warn!(
             "replication: rejected a batch of {} from {}: {} failed verification",
             assocs.len(),
@@ -157,21 +206,76 @@ fn verify_batch(peer: &Peer, body: &[u8]) -> Result<Vec<Replicated>, ApiError> {
         );
         return Err(ApiError::VerificationFailed(failed));
     }
+    // Signed by the peer, but values this node would not accept from its own clients.
+    let (mut items, mut invalid, mut future) =
+        (Vec::with_capacity(checked.len()), Vec::new(), Vec::new());
+    for (id, fields) in checked {
+        match fields.validate() {
+            Err(_) => invalid.push(id.clone()),
+            Ok(item) if item.ts > not_after => future.push(id.clone()),
+            Ok(item) => items.push(item),
+        }
+    }
+    if !invalid.is_empty() {
+        sort_ids(&mut invalid);
+        return Err(ApiError::InvalidAssociations(
+            "One or more associations hold an invalid medium, address or Matrix ID".into(),
+            invalid,
+        ));
+    }
+    if !future.is_empty() {
+        sort_ids(&mut future);
+        return Err(ApiError::InvalidAssociations(
+            format!(
+                "The ts of one or more associations is more than {skew_secs} s ahead of this \
+                 server's clock (check the clocks; they are accepted once they are not)"
+            ),
+            future,
+        ));
+    }
     items.sort_by_key(|item| item.origin_id);
     Ok(items)
 }
 
-/// An association's fields, checked (its signature is checked by the caller).
-fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, Replicated)> {
+/// An association's fields as pushed, before their values are checked.
+struct Fields {
+    origin_id: i64,
+    medium: String,
+    address: String,
+    mxid: Option<String>,
+    ts: i64,
+    not_before: i64,
+    not_after: i64,
+    sg_assoc: String,
+}
+
+impl Fields {
+    /// Checks the 3PID and Matrix ID as the internal API does, normalising the address.
+    fn validate(self) -> Result<Replicated, crate::types::InvalidValue> {
+        let threepid = Threepid::parse(&self.medium, &self.address)?;
+        if let Some(mxid) = &self.mxid {
+            Mxid::parse(mxid)?;
+        }
+        Ok(Replicated {
+            origin_id: self.origin_id,
+            medium: self.medium,
+            address: threepid.address,
+            mxid: self.mxid,
+            ts: self.ts,
+            not_before: self.not_before,
+            not_after: self.not_after,
+            sg_assoc: self.sg_assoc,
+        })
+    }
+}
+
+/// An association's fields, present and of the right types (their values and the signature
+/// are checked by the caller).
+fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, Fields)> {
     let origin_id: i64 = id.parse().ok()?;
     let object: &Map<String, Value> = assoc.as_object()?;
     let medium = object.get("medium")?.as_str()?.to_string();
-    let address = object.get("address")?.as_str()?;
-    let address = if medium == "email" {
-        caseless::default_case_fold_str(address)
-    } else {
-        address.to_string()
-    };
+    let address = object.get("address")?.as_str()?.to_string();
     let int = |key: &str| object.get(key).and_then(Value::as_i64);
     let mxid = match object.get("mxid")? {
         Value::Null => None,
@@ -183,7 +287,7 @@ fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, 
         Some(_) => (int("not_before")?, int("not_after")?),
         None => (0, 0),
     };
-    let item = Replicated {
+    let fields = Fields {
         origin_id,
         medium,
         address,
@@ -193,7 +297,7 @@ fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, 
         not_after,
         sg_assoc: assoc.to_string(),
     };
-    Some((object, item))
+    Some((object, fields))
 }
 
 /// GET /_matrix/identity/internal/replication: per peer, where it is and what is pending.
@@ -220,6 +324,8 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         let last_received = active.inbound.last_received_ts.load(Ordering::Relaxed);
         entry["received"] = json!(active.inbound.received.load(Ordering::Relaxed));
         entry["last_received_ts"] = json!((last_received > 0).then_some(last_received));
+        // Why the peer's last push was refused, until one is accepted again.
+        entry["last_refused"] = json!(active.inbound.refusal());
         out.insert(active.peer.server_name.clone(), entry);
     }
     HttpResponse::Ok().json(json!({

@@ -263,15 +263,7 @@ impl Mesh {
 
     /// The mxid node `i` answers for `address` (None: no binding).
     pub async fn lookup(&self, i: usize, address: &str) -> Option<String> {
-        let (status, body) = self.nodes[i]
-            .node()
-            .get(&format!(
-                "/_matrix/identity/api/v1/lookup?medium=email&address={}",
-                address.replace('@', "%40")
-            ))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body["mxid"].as_str().map(str::to_string)
+        lookup_mxid(self.nodes[i].node(), address).await
     }
 
     /// Waits until every node in `on` answers `expected` for `address`.
@@ -293,6 +285,18 @@ impl Mesh {
             }
         }
     }
+}
+
+/// The mxid `node` answers on v1 lookup for the email `address` (None: no binding).
+pub async fn lookup_mxid(node: &TestNode, address: &str) -> Option<String> {
+    let (status, body) = node
+        .get(&format!(
+            "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+            address.replace('@', "%40")
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["mxid"].as_str().map(str::to_string)
 }
 
 pub fn port_of(addr: &str) -> u16 {

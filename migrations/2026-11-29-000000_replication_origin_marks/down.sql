@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS replication_origin_marks;
