@@ -144,9 +144,26 @@ impl Node {
             );
         }
         let db_file = config.db.db_file.clone();
+        let (server_name, signing_key) = (
+            config.general.server_name.clone(),
+            config.crypto.signing_key.clone(),
+        );
         let (conn, pepper, rows, index, ephemeral_keys, max_local, checkpoint_conn) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
+                let casefolded =
+                    db::casefold::casefold_emails(&mut conn, &server_name, &signing_key, &pepper)
+                        .map_err(|source| db::OpenError::Query {
+                            path: db_file.clone(),
+                            source,
+                        })?;
+                if let Some(c) = casefolded.filter(|c| *c != Default::default()) {
+                    log::warn!(
+                        "database {db_file}: casefolded email addresses stored before Sydent casefolded them: \
+                         local rows {} rewritten, {} merged into a newer row; global rows {} rewritten, {} merged",
+                        c.local_rewritten, c.local_merged, c.global_rewritten, c.global_merged
+                    );
+                }
                 // WAL checkpoints on a connection of their own (not for :memory:, which has
                 // no WAL and cannot be shared).
                 let checkpoint_conn = if db_file == ":memory:" {

@@ -1,7 +1,9 @@
 //! The SQLite database: opening it (pragmas, migrations, adopting a database Sydent made),
-//! the diesel schema, row types and the queries the actors run. Only the actors in
+//! the diesel schema, row types, the queries the actors run, and the one-time casefolding of
+//! emails Sydent stored before it casefolded them. Only the actors in
 //! `crate::actors` call into this module; HTTP code never does.
 
+pub mod casefold;
 mod open;
 pub mod queries;
 pub mod schema;

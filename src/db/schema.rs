@@ -85,4 +85,12 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// sydent-rs: one-time data upgrades already done.
+    sydent_rs_upgrades (name) {
+        name -> Text,
+        done_ts -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);

@@ -222,3 +222,175 @@ async fn sydent_database_from_before_hashing_is_upgraded() {
         ["5"]
     );
 }
+
+/// A database from before Sydent casefolded emails (Sydent < 2.4, `casefold_db.py` never run):
+/// the rows are casefolded when sydent-rs adopts it, so lookup, unbind and rebind all find them.
+#[tokio::test]
+async fn emails_stored_before_casefolding_are_casefolded_on_adoption() {
+    use sydent_rs::association::ThreepidAssociation;
+    use sydent_rs::crypto::NodeSigningKey;
+    let v = vectors();
+    let seed = v["keys"]["node1.test"]["seed"].as_str().unwrap();
+    let key = NodeSigningKey::from_sydent_str(&format!("ed25519 0 {seed}")).unwrap();
+    let peer_key = NodeSigningKey::generate();
+    let signed = |address: &str, mxid: &str, ts: i64, origin: &str, key: &NodeSigningKey| {
+        let assoc = ThreepidAssociation::binding("email", address, mxid, ts);
+        Value::Object(assoc.signed(origin, key).unwrap())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sydent.db");
+    {
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.batch_execute(SYDENT_V5_SCHEMA).unwrap();
+        conn.batch_execute(
+            "INSERT INTO hashing_metadata (id, lookup_pepper) VALUES (0, 'matrixrocks');
+             INSERT INTO local_threepid_associations (id, medium, address, mxid, ts, notBefore, notAfter, lookup_hash) VALUES
+               (1, 'email', 'Alice@Example.org', '@alice:node1.test', 1700000000000, 1700000000000, 4853600000000, 'h'),
+               (2, 'email', 'BOB@example.org', '@bob-old:node1.test', 1700000000000, 1700000000000, 4853600000000, 'h'),
+               (3, 'email', 'bob@example.org', '@bob-new:node1.test', 1700000001000, 1700000001000, 4853600001000, 'h');",
+        )
+        .unwrap();
+        let rows = [
+            (
+                signed(
+                    "Alice@Example.org",
+                    "@alice:node1.test",
+                    1700000000000,
+                    "node1.test",
+                    &key,
+                ),
+                "node1.test",
+                1,
+            ),
+            (
+                signed(
+                    "BOB@example.org",
+                    "@bob-old:node1.test",
+                    1700000000000,
+                    "node1.test",
+                    &key,
+                ),
+                "node1.test",
+                2,
+            ),
+            (
+                signed(
+                    "bob@example.org",
+                    "@bob-new:node1.test",
+                    1700000001000,
+                    "node1.test",
+                    &key,
+                ),
+                "node1.test",
+                3,
+            ),
+            (
+                signed(
+                    "Carol@Example.org",
+                    "@carol:node2.test",
+                    1700000000000,
+                    "node2.test",
+                    &peer_key,
+                ),
+                "node2.test",
+                5,
+            ),
+        ];
+        for (assoc, origin, id) in &rows {
+            insert_global(&mut conn, assoc, origin, *id);
+        }
+    }
+    let config = format!(
+        "{}[crypto]\ned25519.signingkey = ed25519 0 {seed}\n",
+        base_config(dir.path(), "node1.test")
+    );
+    let mut node = TestNode::start_with_config(dir.path(), &config);
+    let lookup = |address: &'static str| {
+        let node = &node;
+        async move {
+            node.get(&format!(
+                "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+                address.replace('@', "%40")
+            ))
+            .await
+            .1
+        }
+    };
+
+    // Our own row: casefolded, signed again with the casefolded address, hashed on it.
+    let alice = lookup("alice@example.org").await;
+    assert_eq!(alice["mxid"], "@alice:node1.test", "{alice}");
+    assert_eq!(alice["address"], "alice@example.org", "{alice}");
+    verify_json(
+        alice.as_object().unwrap(),
+        "node1.test",
+        "ed25519:0",
+        &key.verify_key(),
+    )
+    .unwrap();
+    assert_eq!(
+        sqlite_rows(
+            &db,
+            "SELECT lookup_hash AS v FROM global_threepid_associations WHERE originId = 1"
+        ),
+        [sydent_rs::crypto::lookup_hash(
+            "alice@example.org",
+            "email",
+            "matrixrocks"
+        )]
+    );
+    // Two rows for one casefolded address: the newer one stays, in both tables.
+    assert_eq!(
+        lookup("BOB@EXAMPLE.ORG").await["mxid"],
+        "@bob-new:node1.test"
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT address || ' ' || mxid AS v FROM local_threepid_associations WHERE id IN (2, 3)"),
+        ["bob@example.org @bob-new:node1.test"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT CAST(originId AS TEXT) AS v FROM global_threepid_associations WHERE address LIKE 'bob@%'"),
+        ["3"]
+    );
+    // A peer's row: casefolded, its signature kept as the peer made it.
+    let carol = lookup("carol@example.org").await;
+    assert_eq!(carol["mxid"], "@carol:node2.test", "{carol}");
+    verify_json(
+        carol.as_object().unwrap(),
+        "node2.test",
+        "ed25519:0",
+        &peer_key.verify_key(),
+    )
+    .unwrap();
+
+    // The unbind that found nothing before: it writes the tombstone and removes the binding.
+    node.internal_3pid("unbind", "Alice@Example.org", "@alice:node1.test")
+        .await;
+    assert_eq!(lookup("alice@example.org").await, json!({}));
+    assert_eq!(
+        sqlite_rows(&db, "SELECT COUNT(*) AS v FROM global_threepid_associations WHERE address = 'alice@example.org'"),
+        ["0"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT address || ' ' || COALESCE(mxid, 'tombstone') AS v FROM local_threepid_associations ORDER BY id DESC LIMIT 1"),
+        ["alice@example.org tombstone"]
+    );
+    // A rebind replaces the casefolded row rather than adding a second one.
+    node.internal_3pid("bind", "BOB@example.org", "@bob-3:node1.test")
+        .await;
+    assert_eq!(
+        sqlite_rows(&db, "SELECT mxid AS v FROM local_threepid_associations WHERE address LIKE 'bob@%' OR address LIKE 'BOB@%'"),
+        ["@bob-3:node1.test"]
+    );
+
+    // Done once, recorded; the replication marks were seeded from what the database held.
+    assert!(node.stop().success());
+    assert_eq!(
+        sqlite_rows(&db, "SELECT name AS v FROM sydent_rs_upgrades"),
+        ["casefold_emails"]
+    );
+    assert_eq!(
+        sqlite_rows(&db, "SELECT origin_server || ':' || max_origin_id AS v FROM replication_origin_marks ORDER BY origin_server"),
+        ["node1.test:3", "node2.test:5"]
+    );
+}

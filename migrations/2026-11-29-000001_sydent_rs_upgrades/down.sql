@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS sydent_rs_upgrades;
