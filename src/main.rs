@@ -174,16 +174,32 @@ fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
     let config = Arc::new(config);
     let system = actix_web::rt::System::new();
     system.block_on(async move {
-        let node = match Node::start(config, listeners).await {
+        let mut node = match Node::start(config, listeners).await {
             Ok(node) => node,
             Err(e) => return fail(e),
         };
-        wait_for_stop_signal(&node).await;
-        log::info!("stop signal received: finishing in-flight requests");
+        let failure = node.store_failure();
+        let code = tokio::select! {
+            _ = wait_for_stop_signal(&node) => {
+                log::info!("stop signal received: finishing in-flight requests");
+                ExitCode::SUCCESS
+            }
+            reason = failure => {
+                // Serving lookups while every bind fails helps no one: stop, and let the
+                // supervisor (systemd, Docker's restart policy) start the node again.
+                log::error!(
+                    "stopping: the association store cannot commit ({reason}); exiting with code {EXIT_STORE_FAILED} so that a supervisor restarts the node"
+                );
+                ExitCode::from(EXIT_STORE_FAILED)
+            }
+        };
         node.stop().await;
-        ExitCode::SUCCESS
+        code
     })
 }
+
+/// The exit code when the association store failed (EX_SOFTWARE).
+const EXIT_STORE_FAILED: u8 = 70;
 
 /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers meanwhile.
 async fn wait_for_stop_signal(node: &Node) {

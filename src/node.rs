@@ -124,6 +124,8 @@ pub struct Node {
     registry: Option<Addr<PeerRegistry>>,
     checkpointer: Option<Addr<Checkpointer>>,
     pidfile: Option<PathBuf>,
+    /// Says why, if the association store stopped because it could not commit.
+    failed: Option<tokio::sync::oneshot::Receiver<String>>,
 }
 
 impl Node {
@@ -217,9 +219,17 @@ impl Node {
             signing_key: config.crypto.signing_key.clone(),
             pepper,
             now_ms: crate::now_ms,
+            panic_on_bind: std::env::var("SYDENT_RS_TEST_PANIC_ON_BIND").ok(),
         });
-        let store =
-            AssociationStore::new(conn, Arc::clone(&store_ctx), index.clone(), local_id_tx).start();
+        let (failed_tx, failed) = tokio::sync::oneshot::channel();
+        let store = AssociationStore::new(
+            conn,
+            Arc::clone(&store_ctx),
+            index.clone(),
+            local_id_tx,
+            failed_tx,
+        )
+        .start();
         let active_peers = ActivePeers::default();
         let registry = match &tls {
             None => None,
@@ -380,7 +390,24 @@ impl Node {
             registry,
             checkpointer,
             pidfile,
+            failed: Some(failed),
         })
+    }
+
+    /// A future that resolves with the reason if the association store stops because it can
+    /// no longer commit: the node is then of no use for writes and should be stopped (`main`
+    /// exits non-zero). Pending forever if the store stops normally, or when taken twice.
+    pub fn store_failure(&mut self) -> impl std::future::Future<Output = String> + 'static {
+        let failed = self.failed.take();
+        async move {
+            match failed {
+                Some(failed) => match failed.await {
+                    Ok(reason) => reason,
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Re-reads peers.d and the peers table now (SIGHUP).

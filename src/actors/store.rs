@@ -179,10 +179,13 @@ pub struct StoreContext {
     pub pepper: String,
     /// Clock in milliseconds since the epoch (a parameter so tests can fix time).
     pub now_ms: fn() -> i64,
+    /// Test-only fault hook: the commit thread panics when it writes a bind of this address
+    /// (`SYDENT_RS_TEST_PANIC_ON_BIND`), so the tests can see what a broken store does.
+    pub panic_on_bind: Option<String>,
 }
 
 enum Write {
-    /// Signed on the actor's thread when it arrives, so the commit thread only writes.
+    /// Signed on the handler's thread before it was sent, so the commit thread only writes.
     Bind(PreparedBind, oneshot::Sender<Result<Arc<str>, StoreError>>),
     Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
     Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
@@ -218,15 +221,22 @@ pub struct AssociationStore {
     index: SharedIndex,
     /// The newest committed local id: the replication pushers wait on it.
     local_id: Arc<watch::Sender<i64>>,
+    /// Told why, should the store stop because it can no longer commit (see [`Self::new`]).
+    failed: Option<oneshot::Sender<String>>,
 }
 
 impl AssociationStore {
-    /// `local_id` starts at the newest local id in the database.
+    /// `local_id` starts at the newest local id in the database. Should the commit thread
+    /// panic, the connection is gone with it: the store stops (every write waiting or sent
+    /// later fails with [`StoreError::Stopped`], nothing is half committed) and sends the
+    /// reason on `failed`, on which the node stops with a non-zero exit so that its supervisor
+    /// starts it again on a fresh connection, rather than serving reads and failing every bind.
     pub fn new(
         conn: SqliteConnection,
         ctx: Arc<StoreContext>,
         index: SharedIndex,
         local_id: watch::Sender<i64>,
+        failed: oneshot::Sender<String>,
     ) -> Self {
         Self {
             conn: Some(conn),
@@ -234,6 +244,7 @@ impl AssociationStore {
             ctx,
             index,
             local_id: Arc::new(local_id),
+            failed: Some(failed),
         }
     }
 
@@ -267,7 +278,11 @@ impl AssociationStore {
                 Err(panic) => {
                     // The connection and the batch's reply channels were lost with the thread;
                     // the waiting handlers see `Stopped`. Nothing was committed half-way.
-                    log::error!("association store: commit thread panicked: {panic}");
+                    let reason = format!("the commit thread panicked: {panic}");
+                    log::error!("association store: {reason}");
+                    if let Some(failed) = act.failed.take() {
+                        let _ = failed.send(reason);
+                    }
                     ctx.stop();
                 }
             }
@@ -511,6 +526,9 @@ fn apply_bind(
     bind: &PreparedBind,
 ) -> Result<Applied, StoreError> {
     let assoc = &bind.assoc;
+    if ctx.panic_on_bind.as_deref() == Some(assoc.address.as_str()) {
+        panic!("SYDENT_RS_TEST_PANIC_ON_BIND: a bind of {}", assoc.address);
+    }
     let id = queries::replace_local(
         conn,
         &NewLocalRow {

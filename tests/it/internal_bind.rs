@@ -245,3 +245,51 @@ pub fn sqlite_rows(db: &std::path::Path, sql: &str) -> Vec<String> {
         .map(|r| r.v)
         .collect()
 }
+
+/// A store whose commit thread panics (the test-only fault hook) stops the node with exit
+/// code 70 and a log line saying why, instead of serving lookups while failing every bind; a
+/// restart, as a supervisor would do, serves what was acknowledged before.
+#[tokio::test]
+async fn a_store_that_cannot_commit_stops_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sydent.conf");
+    std::fs::write(&config, base_config(dir.path(), "id.example.org")).unwrap();
+    let mut cmd = std::process::Command::new(crate::harness::BINARY);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("SYDENT_RS_TEST_PANIC_ON_BIND", "boom@example.org");
+    let mut node = TestNode::start_cmd(dir.path(), &config, &mut cmd).unwrap();
+    node.internal_3pid("bind", "kept@example.org", "@kept:example.org")
+        .await;
+
+    let (status, body) = node
+        .internal_post(
+            "/_matrix/identity/internal/bind",
+            &json!({"medium": "email", "address": "boom@example.org", "mxid": "@boom:example.org"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["errcode"]),
+        (500, &json!("M_UNKNOWN")),
+        "{body}"
+    );
+    let exit =
+        crate::harness::wait_with_deadline(node.child_mut(), std::time::Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(70), "{}", node.log_text());
+    assert!(
+        node.log_text()
+            .contains("the association store cannot commit"),
+        "{}",
+        node.log_text()
+    );
+
+    let node = TestNode::start(dir.path(), &config).unwrap();
+    let (_, kept) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=kept%40example.org")
+        .await;
+    assert_eq!(kept["mxid"], "@kept:example.org", "{kept}");
+    let (_, boom) = node
+        .get("/_matrix/identity/api/v1/lookup?medium=email&address=boom%40example.org")
+        .await;
+    assert_eq!(boom, json!({}));
+}
