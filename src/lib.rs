@@ -2,8 +2,18 @@
 //! 3PID → Matrix ID bindings between each other over mutual TLS.
 //!
 //! Map of the crate:
+//! - [`node`]: the start order (database → index → actors → HTTP servers) and the stop order;
+//!   `main` and the tests both go through [`Node::start`].
 //! - [`config`]: `sydent.conf` (Sydent's INI semantics), the table of known keys, typed sections.
+//! - [`types`]: values validated at the edge (`Threepid`, `Mxid`, `ServerName`).
 //! - [`crypto`]: canonical JSON, the signing key, sign/verify, lookup hashes (pure).
+//! - [`association`]: the signed 3PID → Matrix ID association.
+//! - [`db`]: SQLite (Sydent's schema, migrations, adopting a Sydent database), the queries.
+//! - [`actors`]: the owners of mutable state: the association store (single writer, group
+//!   commit), the peer registry and one push queue per peer, the WAL checkpointer.
+//! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
+//! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format.
+//! - [`http`]: the client API, the internal API and the replication receiver.
 pub mod actors;
 pub mod association;
 pub mod config;
@@ -12,6 +22,7 @@ pub mod db;
 pub mod http;
 pub mod lookup_index;
 pub mod mesh;
+pub mod node;
 pub mod types;
 
 /// Milliseconds since the Unix epoch, the unit of every Matrix and Sydent timestamp.
@@ -20,7 +31,6 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
-pub mod node;
 
 pub use config::Config;
 pub use node::{Listeners, Node};

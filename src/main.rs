@@ -125,7 +125,7 @@ fn forget_origin(config_path_arg: Option<PathBuf>, origin: &str) -> ExitCode {
             ));
         }
     }
-    if origin == config.general.server_name {
+    if config.general.server_name == origin {
         return fail(format!("{origin} is this node's own name"));
     }
     let result = sydent_rs::db::open(&config.db.db_file)

@@ -48,48 +48,46 @@ impl Listeners {
     /// `127.0.0.1` on hosts without IPv6 (many containers).
     pub fn bind(config: &Config) -> Result<Self, StartError> {
         let http = &config.http;
-        let client = bind_with_fallback(&http.clientapi_bind_address, http.clientapi_port)
-            .map_err(|e| StartError::Setting {
-                key: "[http] clientapi.http.port",
-                message: format!(
-                    "cannot listen on {}:{}: {e}",
-                    http.clientapi_bind_address, http.clientapi_port
-                ),
-            })?;
-        let internal = match http.internalapi_port {
-            None => None,
-            Some(port) => Some(
-                bind_with_fallback(&http.internalapi_bind_address, port).map_err(|e| {
-                    StartError::Setting {
-                        key: "[http] internalapi.http.port",
-                        message: format!(
-                            "cannot listen on {}:{port}: {e}",
-                            http.internalapi_bind_address
-                        ),
-                    }
-                })?,
-            ),
-        };
-        let replication = match &http.replication_certfile {
-            None => None,
-            Some(_) => Some(
-                bind_with_fallback(&http.replication_bind_address, http.replication_port).map_err(
-                    |e| StartError::Setting {
-                        key: "[http] replication.https.port",
-                        message: format!(
-                            "cannot listen on {}:{}: {e}",
-                            http.replication_bind_address, http.replication_port
-                        ),
-                    },
-                )?,
-            ),
-        };
+        let client = listen(
+            "[http] clientapi.http.port",
+            &http.clientapi_bind_address,
+            http.clientapi_port,
+        )?;
+        let internal = http
+            .internalapi_port
+            .map(|port| {
+                listen(
+                    "[http] internalapi.http.port",
+                    &http.internalapi_bind_address,
+                    port,
+                )
+            })
+            .transpose()?;
+        let replication = http
+            .replication_certfile
+            .as_ref()
+            .map(|_| {
+                listen(
+                    "[http] replication.https.port",
+                    &http.replication_bind_address,
+                    http.replication_port,
+                )
+            })
+            .transpose()?;
         Ok(Self {
             client,
             internal,
             replication,
         })
     }
+}
+
+/// Binds one listener; a failure names the setting behind it.
+fn listen(key: &'static str, address: &str, port: u16) -> Result<TcpListener, StartError> {
+    bind_with_fallback(address, port).map_err(|e| StartError::Setting {
+        key,
+        message: format!("cannot listen on {address}:{port}: {e}"),
+    })
 }
 
 fn bind_with_fallback(address: &str, port: u16) -> io::Result<TcpListener> {
@@ -111,14 +109,54 @@ fn bind_with_fallback(address: &str, port: u16) -> io::Result<TcpListener> {
     }
 }
 
+/// A running HTTP server: its handle (to stop it) and its task.
+type RunningServer = (
+    ServerHandle,
+    actix_web::rt::task::JoinHandle<io::Result<()>>,
+);
+
+/// Runs `server` on `listener` (TLS when `tls` is given) the way every listener of the node
+/// runs: `workers` threads (0: one per core), no signal handling of its own (`main` owns the
+/// signals and stops the node in order), in-flight requests given a bounded time to finish.
+fn serve<F, I, S, B>(
+    what: &str,
+    server: HttpServer<F, I, S, B>,
+    workers: usize,
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+) -> Result<RunningServer, StartError>
+where
+    F: Fn() -> I + Send + Clone + 'static,
+    I: actix_service::IntoServiceFactory<S, actix_http::Request>,
+    S: actix_web::dev::ServiceFactory<actix_http::Request, Config = actix_web::dev::AppConfig>
+        + 'static,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::InitError: std::fmt::Debug,
+    S::Response: Into<actix_http::Response<B>> + 'static,
+    <S::Service as actix_web::dev::Service<actix_http::Request>>::Future: 'static,
+    S::Service: 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    let mut server = server
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
+    if workers > 0 {
+        server = server.workers(workers);
+    }
+    let server = match tls {
+        None => server.listen(listener),
+        Some(tls) => server.listen_rustls_0_23(listener, tls),
+    }
+    .map_err(|e| StartError::Other(format!("{what}: {e}")))?
+    .run();
+    Ok((server.handle(), actix_web::rt::spawn(server)))
+}
+
 /// A started node; [`Node::stop`] stops it in order.
 pub struct Node {
     pub client_addr: SocketAddr,
     pub internal_addr: Option<SocketAddr>,
-    servers: Vec<(
-        ServerHandle,
-        actix_web::rt::task::JoinHandle<io::Result<()>>,
-    )>,
+    servers: Vec<RunningServer>,
     pub replication_addr: Option<SocketAddr>,
     store: Addr<AssociationStore>,
     registry: Option<Addr<PeerRegistry>>,
@@ -276,12 +314,11 @@ impl Node {
             .map_err(|e| StartError::Other(e.to_string()))?;
         let log_requests = config.general.log_level >= log::LevelFilter::Debug;
         let mut servers = Vec::new();
-        let client = {
+        {
             let state = state.clone();
-            let workers = config.http.clientapi_workers;
-            let config = Arc::clone(&config);
-            let mut server = HttpServer::new(move || {
-                let config = Arc::clone(&config);
+            let app_config = Arc::clone(&config);
+            let server = HttpServer::new(move || {
+                let config = Arc::clone(&app_config);
                 App::new()
                     .app_data(state.clone())
                     .app_data(http::payload_config())
@@ -294,37 +331,29 @@ impl Node {
                     .wrap(http::cors_headers())
                     .configure(move |cfg| http::client_api(cfg, &config))
                     .default_service(web::to(http::unknown_endpoint))
-            })
-            .disable_signals()
-            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
-            if workers > 0 {
-                server = server.workers(workers);
-            }
-            server
-                .listen(listeners.client)
-                .map_err(|e| StartError::Other(format!("client API: {e}")))?
-                .run()
-        };
-        servers.push((client.handle(), actix_web::rt::spawn(client)));
+            });
+            let workers = config.http.clientapi_workers;
+            servers.push(serve(
+                "client API",
+                server,
+                workers,
+                listeners.client,
+                None,
+            )?);
+        }
 
         let mut internal_addr = None;
         if let Some(listener) = listeners.internal {
             internal_addr = listener.local_addr().ok();
             let state = state.clone();
-            let internal = HttpServer::new(move || {
+            let server = HttpServer::new(move || {
                 App::new()
                     .app_data(state.clone())
                     .app_data(http::payload_config())
                     .configure(http::internal_api)
                     .default_service(web::to(http::unknown_endpoint))
-            })
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
-            .listen(listener)
-            .map_err(|e| StartError::Other(format!("internal API: {e}")))?
-            .run();
-            servers.push((internal.handle(), actix_web::rt::spawn(internal)));
+            });
+            servers.push(serve("internal API", server, 1, listener, None)?);
         }
 
         let mut replication_addr = None;
@@ -348,14 +377,15 @@ impl Node {
                     .default_service(web::to(http::unknown_endpoint))
             })
             .on_connect(http::replication::on_connect)
-            .workers(1)
-            .max_connections(http::replication::MAX_CONNECTIONS)
-            .disable_signals()
-            .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
-            .listen_rustls_0_23(listener, server_config)
-            .map_err(|e| StartError::Other(format!("replication listener: {e}")))?
-            .run();
-            servers.push((server.handle(), actix_web::rt::spawn(server)));
+            .max_connections(http::replication::MAX_CONNECTIONS);
+            let running = serve(
+                "replication listener",
+                server,
+                1,
+                listener,
+                Some(server_config),
+            )?;
+            servers.push(running);
         }
 
         let pidfile = config.general.pidfile_path.clone();

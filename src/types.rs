@@ -44,6 +44,8 @@ pub enum InvalidValue {
     Msisdn(String),
     #[error("'{0}' is not a valid Matrix user ID (@localpart:server)")]
     Mxid(String),
+    #[error("'{0}' is not a valid server name (host or IP literal, optional :port)")]
+    ServerName(String),
 }
 
 /// A third-party identifier in its normalised form: emails are Unicode-casefolded (as Python's
@@ -127,7 +129,7 @@ impl Mxid {
             || local
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control() || c == ':')
-            || !is_valid_server_name(server)
+            || ServerName::parse(server).is_err()
         {
             return Err(bad());
         }
@@ -150,9 +152,60 @@ impl fmt::Display for Mxid {
     }
 }
 
+/// A Matrix server name: this node's `server.name`, a replication peer's name, the server part
+/// of a Matrix ID. One grammar for all three, checked where the name enters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerName(String);
+
+impl ServerName {
+    pub fn parse(text: &str) -> Result<Self, InvalidValue> {
+        if is_valid_server_name(text) {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(InvalidValue::ServerName(text.into()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ServerName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ServerName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for ServerName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ServerName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// The Matrix server-name grammar: a DNS name, IPv4 literal or `[IPv6]` literal, with an
 /// optional port 1..65535 written without leading zeros.
-pub fn is_valid_server_name(name: &str) -> bool {
+fn is_valid_server_name(name: &str) -> bool {
     let (host, port) = if let Some(rest) = name.strip_prefix('[') {
         match rest.split_once(']') {
             Some((ip6, tail)) => {
@@ -239,6 +292,25 @@ mod tests {
             Threepid::parse("phone", "1"),
             Err(InvalidValue::Medium(_))
         ));
+    }
+
+    #[test]
+    fn server_names_have_one_grammar() {
+        for good in [
+            "example.org",
+            "example.org:8448",
+            "1.2.3.4",
+            "[::1]:443",
+            "localhost",
+        ] {
+            assert_eq!(ServerName::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "bad name", "x.org:0", "x_y.org", "[::1", "x.org:99999"] {
+            assert_eq!(
+                ServerName::parse(bad),
+                Err(InvalidValue::ServerName(bad.into()))
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //!
 //! - [`store::AssociationStore`]: the single writer of the association tables (group commit),
 //!   which keeps the in-memory lookup index coherent after each commit.
-
 //! - [`peers::PeerRegistry`]: the active replication peers (peers.d, Sydent's peers table),
 //!   one [`pusher::Pusher`] per peer.
 //! - [`pusher::Pusher`]: a peer's push queue and cursor.

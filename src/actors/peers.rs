@@ -20,6 +20,7 @@ use crate::config::PeerSection;
 use crate::crypto::NodeSigningKey;
 use crate::db::queries;
 use crate::mesh::peers::{merge, scan_dir, DbPeer, Peer};
+use crate::types::ServerName;
 
 /// How often peers.d is rescanned without a SIGHUP.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(3);
@@ -101,7 +102,7 @@ impl ActivePeers {
 /// Where peers come from; cloned into each scan.
 #[derive(Debug, Clone)]
 pub struct PeerSources {
-    pub own_name: String,
+    pub own_name: ServerName,
     pub peers_dir: PathBuf,
     pub sections: Vec<PeerSection>,
     pub db_file: String,

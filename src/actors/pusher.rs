@@ -23,6 +23,7 @@ use crate::crypto::NodeSigningKey;
 use crate::db::queries;
 use crate::mesh::peers::Peer;
 use crate::mesh::wire::PushBody;
+use crate::types::ServerName;
 
 /// Associations per push. ~350 bytes each: a batch stays well under a megabyte.
 pub const BATCH_SIZE: i64 = 1000;
@@ -56,7 +57,7 @@ pub type SharedStatus = Arc<Mutex<PushStatus>>;
 /// Everything a push queue needs; built by the peer registry.
 pub struct Pusher {
     pub peer: Peer,
-    pub own_name: String,
+    pub own_name: ServerName,
     pub db_file: String,
     pub signing_key: NodeSigningKey,
     pub client: reqwest::Client,
@@ -107,9 +108,9 @@ impl Handler<StopPusher> for Pusher {
 }
 
 struct PushLoop {
-    peer_name: String,
+    peer_name: ServerName,
     url: String,
-    own_name: String,
+    own_name: ServerName,
     db_file: String,
     signing_key: NodeSigningKey,
     client: reqwest::Client,

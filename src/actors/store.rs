@@ -9,7 +9,10 @@
 //! never on the actor's arbiter; the connection travels there and back with the batch, so
 //! there is never more than one transaction at a time. On that thread, after the commit, the
 //! batch is applied to the [`SharedIndex`], the pushers are woken (newest local id) and only
-//! then are the writers answered: a client always reads its own writes.
+//! then are the writers answered: a client always reads its own writes. The connection
+//! commits with `synchronous = FULL`, so an answered write is on disk; should the commit
+//! thread panic, the store stops and the node exits for its supervisor to restart it
+//! ([`AssociationStore::new`]).
 
 use std::sync::Arc;
 
@@ -23,7 +26,7 @@ use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::{DbError, GlobalRow};
 use crate::lookup_index::SharedIndex;
-use crate::types::{Mxid, Threepid};
+use crate::types::{Mxid, ServerName, Threepid};
 
 /// Most writes committed in one transaction; the rest wait for the next one.
 const MAX_BATCH: usize = 2048;
@@ -122,7 +125,7 @@ pub struct Replicated {
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct ApplyReplicated {
-    pub origin: String,
+    pub origin: ServerName,
     /// In ascending `origin_id` order.
     pub items: Vec<Replicated>,
 }
@@ -174,7 +177,7 @@ impl PreparedBind {
 /// What the store needs to build rows: immutable, shared with the blocking thread.
 #[derive(Debug)]
 pub struct StoreContext {
-    pub server_name: String,
+    pub server_name: ServerName,
     pub signing_key: NodeSigningKey,
     pub pepper: String,
     /// Clock in milliseconds since the epoch (a parameter so tests can fix time).
@@ -548,7 +551,7 @@ fn apply_bind(
         ts: assoc.ts,
         not_before: assoc.not_before.unwrap_or(assoc.ts),
         not_after: assoc.not_after.unwrap_or(i64::MAX),
-        origin_server: ctx.server_name.clone(),
+        origin_server: ctx.server_name.to_string(),
         origin_id: id,
         sg_assoc: bind.sg_assoc.to_string(),
         lookup_hash: Some(bind.hash.clone()),
@@ -577,7 +580,7 @@ fn apply_replicated(
             .find(|i| i.origin_id <= mark.origin_id && i.ts > mark.ts)
         {
             return Err(StoreError::OriginIdsRestarted {
-                origin: batch.origin.clone(),
+                origin: batch.origin.to_string(),
                 mark,
                 pushed_id: item.origin_id,
                 pushed_ts: item.ts,
@@ -602,7 +605,7 @@ fn apply_replicated(
                     ts: item.ts,
                     not_before: item.not_before,
                     not_after: item.not_after,
-                    origin_server: batch.origin.clone(),
+                    origin_server: batch.origin.to_string(),
                     origin_id: item.origin_id,
                     sg_assoc: item.sg_assoc.clone(),
                     lookup_hash: Some(lookup_hash(&item.address, &item.medium, &ctx.pepper)),
@@ -629,7 +632,7 @@ fn apply_replicated(
         }
     }
     Ok(Applied::Replicated {
-        origin: batch.origin.clone(),
+        origin: batch.origin.to_string(),
         inserted,
         removed,
     })

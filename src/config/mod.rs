@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::NodeSigningKey;
-use crate::types::is_valid_server_name;
+use crate::types::ServerName;
 
 pub use keys::KeyDef;
 use parse::{RawConfig, Reader};
@@ -60,7 +60,7 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct GeneralConfig {
-    pub server_name: String,
+    pub server_name: ServerName,
     pub log_path: Option<PathBuf>,
     pub log_level: log::LevelFilter,
     pub pidfile_path: Option<PathBuf>,
@@ -377,19 +377,23 @@ fn general(
     warnings: &mut Vec<String>,
 ) -> Result<GeneralConfig, ConfigError> {
     const S: &str = "general";
-    let mut server_name = r.string(S, "server.name")?.trim().to_string();
-    if server_name.is_empty() {
-        server_name = hostname();
+    let configured = r.string(S, "server.name")?.trim().to_string();
+    let server_name = if configured.is_empty() {
+        let host = hostname();
         warnings.push(format!(
-            "[general] server.name is not set: using the hostname '{server_name}'. Set it: it is in every signature this node makes"
+            "[general] server.name is not set: using the hostname '{host}'. Set it: it is in every signature this node makes"
         ));
-    } else if !is_valid_server_name(&server_name) {
-        return Err(ConfigError::invalid(
-            S,
-            "server.name",
-            format!("'{server_name}' is not a valid server name"),
-        ));
-    }
+        ServerName::parse(&host).map_err(|e| {
+            ConfigError::invalid(
+                S,
+                "server.name",
+                format!("is not set, and the hostname: {e}"),
+            )
+        })?
+    } else {
+        ServerName::parse(&configured)
+            .map_err(|e| ConfigError::invalid(S, "server.name", e.to_string()))?
+    };
     let level_text = r.string(S, "log.level")?;
     let log_level = log_level(&level_text).ok_or_else(|| {
         ConfigError::invalid(

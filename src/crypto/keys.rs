@@ -68,11 +68,7 @@ impl NodeSigningKey {
                 Ok(Self::from_seed(version, seed))
             }
             [hex_seed] if hex_seed.len() == 64 => {
-                let mut seed = [0u8; 32];
-                for (i, byte) in seed.iter_mut().enumerate() {
-                    *byte = u8::from_str_radix(&hex_seed[2 * i..2 * i + 2], 16)
-                        .map_err(|_| KeyError::Seed)?;
-                }
+                let seed = decode_hex_32(hex_seed).ok_or(KeyError::Seed)?;
                 Ok(Self::from_seed("0", seed))
             }
             _ => Err(KeyError::Format),
@@ -112,7 +108,30 @@ impl std::fmt::Debug for VerifyKey {
     }
 }
 
+/// 64 hex digits as 32 bytes: Sydent's pre-2019 signing-key seed, and the verify keys some
+/// `peer_pubkeys` rows hold.
+fn decode_hex_32(text: &str) -> Option<[u8; 32]> {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 impl VerifyKey {
+    /// Parses 64 hex digits (Sydent accepts them in `peer_pubkeys`, with a warning).
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        let bytes = decode_hex_32(text.trim()).ok_or(KeyError::PublicKey)?;
+        VerifyingKey::from_bytes(&bytes)
+            .map(Self)
+            .map_err(|_| KeyError::PublicKey)
+    }
+
     /// Parses unpadded base64 (either alphabet), as in `peer_pubkeys.key` and peers.d files.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
         let bytes = decode_base64(text.trim()).ok_or(KeyError::PublicKey)?;
@@ -157,6 +176,25 @@ mod tests {
         let again = NodeSigningKey::from_sydent_str(&text).unwrap();
         assert_eq!(again.verify_key(), key.verify_key());
         assert_eq!(again.key_id(), "ed25519:0");
+    }
+
+    #[test]
+    fn hex_is_64_digits_of_either_case() {
+        let mut expected = [0xabu8; 32];
+        expected[31] = 0x0f;
+        let text = format!("{}0F", "aB".repeat(31));
+        assert_eq!(decode_hex_32(&text), Some(expected));
+        for bad in [
+            "",
+            &"0".repeat(63),
+            &"0".repeat(65),
+            &format!("{}g0", "00".repeat(31)),
+        ] {
+            assert_eq!(decode_hex_32(bad), None, "{bad}");
+        }
+        // 64 bytes but not 64 digits: refused, not a panic on a char boundary.
+        assert_eq!(decode_hex_32(&format!("{}é", "0".repeat(62))), None);
+        assert!(NodeSigningKey::from_sydent_str(&format!("{}é", "0".repeat(62))).is_err());
     }
 
     #[test]

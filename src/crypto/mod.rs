@@ -1,5 +1,6 @@
-//! Pure cryptography, no I/O: canonical JSON, the node's ed25519 signing key in Sydent's
-//! format, signing and verifying JSON objects, and lookup hashes.
+//! Pure cryptography, no I/O: canonical JSON, unpadded base64, the node's ed25519 signing key
+//! in Sydent's format (and the hex form of older keys), signing and verifying JSON objects one
+//! at a time or as a batch, and lookup hashes.
 //!
 //! Everything here must be byte-identical to the Python libraries Sydent uses
 //! (signedjson, canonicaljson, unpaddedbase64); `tests/it/vectors.rs` walks

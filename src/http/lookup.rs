@@ -32,9 +32,12 @@ async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, 
     let server_name = &state.config.general.server_name;
     let now = crate::now_ms();
     let found = state.index.read(|index| {
-        index
-            .get(medium, address, now)
-            .map(|b| (&*b.origin_server == server_name, b.signed_json(medium)))
+        index.get(medium, address, now).map(|b| {
+            (
+                &*b.origin_server == server_name.as_str(),
+                b.signed_json(medium),
+            )
+        })
     });
     let body = match found {
         None => "{}".to_owned(),
@@ -54,7 +57,7 @@ fn countersign(signed: &str, state: &AppState) -> Result<String, ApiError> {
     let server_name = &state.config.general.server_name;
     let ours = object
         .get("signatures")
-        .and_then(|s| s.get(server_name))
+        .and_then(|s| s.get(server_name.as_str()))
         .is_some();
     if !ours {
         sign_json(&mut object, server_name, &state.config.crypto.signing_key)

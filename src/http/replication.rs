@@ -326,7 +326,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         entry["last_received_ts"] = json!((last_received > 0).then_some(last_received));
         // Why the peer's last push was refused, until one is accepted again.
         entry["last_refused"] = json!(active.inbound.refusal());
-        out.insert(active.peer.server_name.clone(), entry);
+        out.insert(active.peer.server_name.to_string(), entry);
     }
     HttpResponse::Ok().json(json!({
         "enabled": true,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::PeerSection;
 use crate::crypto::VerifyKey;
-use crate::types::is_valid_server_name;
+use crate::types::ServerName;
 
 /// Where the push for a peer goes: Sydent's path under its base URL.
 pub const PUSH_PATH: &str = "_matrix/identity/replicate/v1/push";
@@ -35,7 +35,7 @@ impl std::fmt::Display for PeerSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// Its `server.name`: the name it signs with and its certificate names.
-    pub server_name: String,
+    pub server_name: ServerName,
     /// e.g. `https://node2.example.org:4434` (no trailing slash).
     pub base_url: String,
     pub verify_key: VerifyKey,
@@ -51,7 +51,7 @@ impl Peer {
 /// A peer file, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerFile {
-    pub server_name: String,
+    pub server_name: ServerName,
     pub base_url: String,
     pub verify_key: VerifyKey,
 }
@@ -99,12 +99,8 @@ pub fn parse_peer_file(text: &str) -> Result<PeerFile, String> {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| format!("[peer] {key} is missing"))
     };
-    let server_name = get("server_name")?.to_ascii_lowercase();
-    if !is_valid_server_name(&server_name) {
-        return Err(format!(
-            "[peer] server_name '{server_name}' is not a valid server name"
-        ));
-    }
+    let server_name = ServerName::parse(&get("server_name")?.to_ascii_lowercase())
+        .map_err(|e| format!("[peer] server_name: {e}"))?;
     let base_url =
         check_base_url(&get("base_replication_url")?).map_err(|e| format!("[peer] {e}"))?;
     let verify_key = VerifyKey::from_base64(&get("public_key")?)
@@ -178,7 +174,7 @@ pub fn merge(
         if file.server_name == own_name {
             continue;
         }
-        if let Some(first) = peers.get(&file.server_name) {
+        if let Some(first) = peers.get(file.server_name.as_str()) {
             let first: &Peer = first;
             problems.push(format!(
                 "peers: skipping {}: {} is already defined by {}",
@@ -189,7 +185,7 @@ pub fn merge(
             continue;
         }
         peers.insert(
-            file.server_name.clone(),
+            file.server_name.to_string(),
             Peer {
                 server_name: file.server_name.clone(),
                 base_url: file.base_url.clone(),
@@ -203,7 +199,15 @@ pub fn merge(
         if name == own_name || peers.contains_key(&name) {
             continue;
         }
-        let key = match VerifyKey::from_base64(&row.key).or_else(|e| hex_key(&row.key).ok_or(e)) {
+        let server_name = match ServerName::parse(&name) {
+            Ok(server_name) => server_name,
+            Err(e) => {
+                problems.push(format!("peers: skipping database peer: {e}"));
+                continue;
+            }
+        };
+        let key = match VerifyKey::from_base64(&row.key).or_else(|_| VerifyKey::from_hex(&row.key))
+        {
             Ok(key) => key,
             Err(e) => {
                 problems.push(format!(
@@ -227,7 +231,7 @@ pub fn merge(
         peers.insert(
             name.clone(),
             Peer {
-                server_name: name,
+                server_name,
                 base_url,
                 verify_key: key,
                 source: PeerSource::Database,
@@ -235,19 +239,6 @@ pub fn merge(
         );
     }
     (peers, problems)
-}
-
-/// Sydent accepts a hex verify key in `peer_pubkeys` (with a warning).
-fn hex_key(text: &str) -> Option<VerifyKey> {
-    let text = text.trim();
-    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let bytes: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    VerifyKey::from_base64(&crate::crypto::encode_base64(&bytes)).ok()
 }
 
 #[cfg(test)]
@@ -267,7 +258,7 @@ mod tests {
         assert_eq!(
             parsed,
             PeerFile {
-                server_name: "node2.example.org".into(),
+                server_name: ServerName::parse("node2.example.org").unwrap(),
                 base_url: "https://node2.example.org:4434".into(),
                 verify_key: k
             }
@@ -368,6 +359,6 @@ mod tests {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        assert_eq!(hex_key(&hex), Some(k));
+        assert_eq!(VerifyKey::from_hex(&hex).ok(), Some(k));
     }
 }

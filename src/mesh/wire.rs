@@ -2,8 +2,10 @@
 //!
 //! `POST /_matrix/identity/replicate/v1/push` carries `{"sgAssocs": {"<originId>": <signed
 //! association>, …}}`: the keys are the origin's local ids as decimal strings, the values the
-//! associations as the origin signed them (kept as JSON values: they are verified and stored
-//! byte for byte as received). A push that is applied is answered `{"success": true}`.
+//! associations as the origin signed them. They are kept as JSON values, verified against the
+//! canonical JSON of their fields, and stored with every field and signature as received (the
+//! text itself is written again, which a signature does not cover). A push that is applied is
+//! answered `{"success": true}`; errors are `{"errcode", "error"}`, some with `failed_ids`.
 
 use std::collections::BTreeMap;
 
