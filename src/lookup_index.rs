@@ -1,204 +1,518 @@
-//! The in-memory lookup index: every valid binding of the global table, keyed by 3PID, so
-//! lookups are answered from memory without touching SQLite (reference/rust-stack.md §9: a
-//! SQLite read per request caps lookups near 30 k/s on two cores).
+//! The in-memory lookup index: every binding of the global table, keyed by 3PID, so lookups
+//! are answered from memory without touching SQLite (reference/rust-stack.md §9: a SQLite read
+//! per request caps lookups near 30 k/s on two cores).
 //!
 //! SQLite stays the source of truth. The association store is the only writer: it applies a
 //! change here right after the transaction that made it commits, and before it answers the
 //! request, so a client reads its own writes and never sees an uncommitted one.
+//!
+//! The layout is compact (about 150 bytes a binding; a million fit in ~150 MB): a binding is a
+//! fixed-size [`Record`] in one vector, its 3PID key and Matrix ID are bytes in one text arena
+//! (no allocation per string), a hash table of `u32` points at the first record of each 3PID,
+//! and the records of one 3PID (one per origin server) form a chain. The signed association is
+//! not kept as JSON: nearly every one is exactly the row's fields plus the origin's `ed25519:0`
+//! signature (and, for a peer's binding, this node's countersignature, added when it was
+//! received), so only those 64-byte signatures are kept and the JSON is written again on
+//! lookup, byte for byte what was signed. Anything else is kept whole.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 
-use serde_json::{Map, Value};
+use hashbrown::HashTable;
+use serde::Deserialize;
 
+use crate::association::BINDING_LIFETIME_MS;
+use crate::crypto::{decode_base64, encode_base64};
 use crate::db::GlobalRow;
 use crate::types::{Medium, Threepid};
 
+/// The end of a chain.
+const NONE: u32 = u32::MAX;
+/// The only key id kept compactly (Sydent's and ours).
+const KEY_ID: &str = "ed25519:0";
+/// The text arena is compacted when this much of it (and at least half) is dead.
+const COMPACT_AFTER_BYTES: usize = 1 << 20;
+
 /// One origin's binding of a 3PID.
-#[derive(Debug, Clone)]
-pub struct IndexedBinding {
-    /// Interned: one allocation per origin server, not per binding.
-    pub origin_server: Arc<str>,
-    pub origin_id: i64,
-    /// The address as stored (normalised), which bulk_lookup answers with.
-    pub address: Box<str>,
-    pub mxid: Box<str>,
-    pub ts: i64,
-    pub not_before: i64,
-    pub not_after: i64,
-    signed: Signed,
+#[derive(Debug)]
+struct Record {
+    origin_id: i64,
+    ts: i64,
+    /// The origin's `ed25519:0` signature (unused when [`Extra::whole`] is set).
+    signature: [u8; 64],
+    /// What few bindings have: a validity not derived from `ts`, a countersignature, JSON that
+    /// is more than the row's fields.
+    extra: Option<Box<Extra>>,
+    /// Offset in the text arena of the 3PID key, followed by the Matrix ID.
+    text: u32,
+    /// The next record of the same 3PID, or [`NONE`]; in the free list, the next free record.
+    next: u32,
+    key_len: u16,
+    mxid_len: u16,
+    origin: u16,
+    medium: Medium,
 }
 
-/// The signed association. Almost always it is exactly the row's fields plus `signatures`,
-/// so only the signatures are kept (a third of the size); anything else is kept whole.
-#[derive(Debug, Clone)]
-enum Signed {
-    /// The `signatures` object, as JSON text.
-    Signatures(Box<str>),
-    /// The whole association as stored (extra fields, an unnormalised address…).
-    Whole(Box<str>),
-}
-
-impl Signed {
-    fn from_row(row: &GlobalRow) -> Self {
-        let whole = || Self::Whole(row.sg_assoc.as_str().into());
-        let Ok(object) = serde_json::from_str::<Map<String, Value>>(&row.sg_assoc) else {
-            return whole();
-        };
-        let matches = object.len() == 7
-            && object.get("medium").and_then(Value::as_str) == Some(row.medium.as_str())
-            && object.get("address").and_then(Value::as_str) == Some(row.address.as_str())
-            && object.get("mxid").and_then(Value::as_str) == Some(row.mxid.as_str())
-            && object.get("ts").and_then(Value::as_i64) == Some(row.ts)
-            && object.get("not_before").and_then(Value::as_i64) == Some(row.not_before)
-            && object.get("not_after").and_then(Value::as_i64) == Some(row.not_after);
-        match object.get("signatures") {
-            Some(signatures @ Value::Object(_)) if matches => {
-                Self::Signatures(signatures.to_string().into())
-            }
-            _ => whole(),
-        }
-    }
-}
-
-impl IndexedBinding {
-    fn from_row(row: GlobalRow, origin: Arc<str>, signatures: Option<Box<str>>) -> Self {
-        let signed = match signatures {
-            Some(signatures) => Signed::Signatures(signatures),
-            None => Signed::from_row(&row),
-        };
-        Self {
-            origin_server: origin,
-            origin_id: row.origin_id,
-            address: row.address.into(),
-            mxid: row.mxid.into(),
-            ts: row.ts,
-            not_before: row.not_before,
-            not_after: row.not_after,
-            signed,
-        }
-    }
-
-    fn is_valid_at(&self, now_ms: i64) -> bool {
-        // Inclusive start: a lookup in the same millisecond as the bind must see it.
-        self.not_before <= now_ms && now_ms < self.not_after
-    }
-
-    /// The signed association as JSON text (keys sorted, as serde_json writes a map).
-    pub fn signed_json(&self, medium: Medium) -> String {
-        match &self.signed {
-            Signed::Whole(text) => text.to_string(),
-            Signed::Signatures(signatures) => {
-                let quote = |s: &str| Value::String(s.to_owned()).to_string();
-                format!(
-                    "{{\"address\":{},\"medium\":{},\"mxid\":{},\"not_after\":{},\"not_before\":{},\"signatures\":{signatures},\"ts\":{}}}",
-                    quote(&self.address),
-                    quote(medium.as_str()),
-                    quote(&self.mxid),
-                    self.not_after,
-                    self.not_before,
-                    self.ts
-                )
-            }
-        }
-    }
-}
-
-/// Every binding by 3PID (medium + lookup key), one entry per origin.
 #[derive(Debug, Default)]
+struct Extra {
+    /// `Some` when not `ts`.
+    not_before: Option<i64>,
+    /// `Some` when not `ts` + 100 years.
+    not_after: Option<i64>,
+    /// This node's `ed25519:0` signature over a peer's association.
+    countersignature: Option<[u8; 64]>,
+    /// The association as stored, when it is not the row's fields plus the signatures above.
+    whole: Option<Box<str>>,
+}
+
+/// How a binding entering the index is signed.
+pub enum Signatures {
+    /// Parse them from the row's `sgAssoc`.
+    FromRow,
+    /// A bind just made here: our own `ed25519:0` signature.
+    Own([u8; 64]),
+}
+
+/// The signed association as stored, with the fields checked against the row.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredAssociation<'a> {
+    #[serde(borrow)]
+    medium: Cow<'a, str>,
+    #[serde(borrow)]
+    address: Cow<'a, str>,
+    #[serde(borrow)]
+    mxid: Cow<'a, str>,
+    ts: i64,
+    not_before: i64,
+    not_after: i64,
+    #[serde(borrow)]
+    signatures: BTreeMap<Cow<'a, str>, BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+}
+
+/// Every binding by 3PID (medium + lookup key), one per origin.
+#[derive(Debug)]
 pub struct LookupIndex {
-    by_threepid: HashMap<(Medium, String), Vec<IndexedBinding>>,
-    origins: HashSet<Arc<str>>,
+    /// This node's server name: its signature on a peer's association is a countersignature.
+    own_name: Arc<str>,
+    heads: HashTable<u32>,
+    records: Vec<Record>,
+    free: u32,
+    text: Vec<u8>,
+    dead_text: usize,
+    origins: Vec<Arc<str>>,
+    origin_numbers: HashMap<Arc<str>, u16>,
+    hasher: RandomState,
+    threepids: usize,
 }
 
 impl LookupIndex {
-    pub fn from_rows(rows: impl IntoIterator<Item = GlobalRow>) -> Self {
-        let mut index = Self::default();
-        for row in rows {
-            index.insert(row);
+    /// An empty index for a node named `own_name`, with room for `capacity` bindings.
+    pub fn new(own_name: &str, capacity: usize) -> Self {
+        Self {
+            own_name: own_name.into(),
+            heads: HashTable::with_capacity(capacity),
+            records: Vec::with_capacity(capacity),
+            free: NONE,
+            text: Vec::with_capacity(capacity * 48),
+            dead_text: 0,
+            origins: Vec::new(),
+            origin_numbers: HashMap::new(),
+            hasher: RandomState::new(),
+            threepids: 0,
         }
-        index
     }
 
-    fn intern(&mut self, origin: &str) -> Arc<str> {
-        if let Some(known) = self.origins.get(origin) {
-            return Arc::clone(known);
+    /// Gives back what loading reserved but did not use.
+    pub fn shrink_to_fit(&mut self) {
+        self.records.shrink_to_fit();
+        self.text.shrink_to_fit();
+        let hasher = &self.hasher;
+        let (records, text) = (&self.records, &self.text);
+        self.heads
+            .shrink_to_fit(|&i| hash_of(hasher, &records[i as usize], text));
+    }
+
+    fn origin_number(&mut self, origin: &str) -> u16 {
+        if let Some(n) = self.origin_numbers.get(origin) {
+            return *n;
         }
-        let origin: Arc<str> = origin.into();
-        self.origins.insert(Arc::clone(&origin));
-        origin
+        // 65,535 origin servers: far beyond any mesh; the last number is shared past that.
+        let n = u16::try_from(self.origins.len()).unwrap_or(u16::MAX);
+        let name: Arc<str> = origin.into();
+        if n < u16::MAX {
+            self.origins.push(Arc::clone(&name));
+        }
+        self.origin_numbers.insert(name, n);
+        n
     }
 
-    /// Adds a committed row; it replaces the same origin's older binding of that 3PID. A row
-    /// older than the origin's current one is ignored.
-    pub fn insert(&mut self, row: GlobalRow) {
-        self.insert_with(row, None);
+    fn key_of(&self, record: &Record) -> &str {
+        let start = record.text as usize;
+        text_str(&self.text[start..start + record.key_len as usize])
     }
 
-    /// [`insert`](Self::insert) for a row whose `sg_assoc` is known to be its fields plus
-    /// `signatures` (JSON text): a bind this node just signed. Skips re-parsing it.
-    pub fn insert_signed(&mut self, row: GlobalRow, signatures: Box<str>) {
-        self.insert_with(row, Some(signatures));
+    fn mxid_of(&self, record: &Record) -> &str {
+        let start = record.text as usize + record.key_len as usize;
+        text_str(&self.text[start..start + record.mxid_len as usize])
     }
 
-    fn insert_with(&mut self, row: GlobalRow, signatures: Option<Box<str>>) {
+    fn head(&self, medium: Medium, key: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one((medium, key));
+        self.heads
+            .find(hash, |&i| {
+                let record = &self.records[i as usize];
+                record.medium == medium && self.key_of(record) == key
+            })
+            .copied()
+    }
+
+    /// The records of a 3PID, first to last.
+    fn chain(&self, first: Option<u32>) -> impl Iterator<Item = &Record> {
+        let mut at = first.unwrap_or(NONE);
+        std::iter::from_fn(move || {
+            let record = self.records.get(at as usize)?;
+            at = record.next;
+            Some(record)
+        })
+    }
+
+    /// Adds a committed row (see [`Signatures`]); it replaces the same origin's older binding
+    /// of that 3PID. A row older than the origin's current one is ignored.
+    pub fn insert(&mut self, row: GlobalRow, signatures: Signatures) {
         let Some(medium) = Medium::parse(&row.medium) else {
             return; // a medium this node does not serve; kept in SQLite only
         };
-        let key = (medium, Threepid::lookup_key(medium, &row.address));
-        let origin = self.intern(&row.origin_server);
-        let binding = IndexedBinding::from_row(row, origin, signatures);
-        let entries = self.by_threepid.entry(key).or_default();
-        entries.retain(|b| {
-            b.origin_server != binding.origin_server || b.origin_id > binding.origin_id
-        });
-        if !entries
-            .iter()
-            .any(|b| b.origin_server == binding.origin_server)
-        {
-            entries.push(binding);
+        let key = Threepid::lookup_key(medium, &row.address);
+        let origin = self.origin_number(&row.origin_server);
+        let head = self.head(medium, &key);
+        // The origin's current binding of this 3PID, if any.
+        let mut previous = NONE;
+        let mut at = head.unwrap_or(NONE);
+        while let Some(record) = self.records.get(at as usize) {
+            if record.origin == origin {
+                if record.origin_id > row.origin_id {
+                    return;
+                }
+                break;
+            }
+            previous = at;
+            at = record.next;
         }
-        entries.shrink_to_fit();
+        let (signature, extra) = self.signed_parts(&row, &key, signatures);
+        let text = self.push_text(&key, &row.mxid);
+        let record = Record {
+            origin_id: row.origin_id,
+            ts: row.ts,
+            signature,
+            extra,
+            text,
+            next: NONE,
+            key_len: key.len().min(u16::MAX as usize) as u16,
+            mxid_len: row.mxid.len().min(u16::MAX as usize) as u16,
+            origin,
+            medium,
+        };
+        if let Some(old) = self.records.get_mut(at as usize) {
+            // Replace the origin's older binding in place, keeping its place in the chain.
+            let next = old.next;
+            let dead = old.key_len as usize + old.mxid_len as usize;
+            *old = Record { next, ..record };
+            self.dead_text += dead;
+            self.maybe_compact();
+            return;
+        }
+        let index = self.alloc(record);
+        match (head, previous) {
+            (None, _) => {
+                let hash = self.hasher.hash_one((medium, &*key));
+                let (records, text, hasher) = (&self.records, &self.text, &self.hasher);
+                self.heads.insert_unique(hash, index, |&i| {
+                    hash_of(hasher, &records[i as usize], text)
+                });
+                self.threepids += 1;
+            }
+            (Some(_), previous) => self.records[previous as usize].next = index,
+        }
     }
 
     /// Removes `origin`'s bindings of a 3PID older than `before_origin_id` (its tombstone).
     pub fn remove(&mut self, origin: &str, medium: Medium, address: &str, before_origin_id: i64) {
-        let key = (medium, Threepid::lookup_key(medium, address));
-        if let Some(entries) = self.by_threepid.get_mut(&key) {
-            entries.retain(|b| &*b.origin_server != origin || b.origin_id >= before_origin_id);
-            if entries.is_empty() {
-                self.by_threepid.remove(&key);
+        let Some(&origin) = self.origin_numbers.get(origin) else {
+            return;
+        };
+        let key = Threepid::lookup_key(medium, address);
+        let Some(head) = self.head(medium, &key) else {
+            return;
+        };
+        let mut previous = NONE;
+        let mut at = head;
+        while let Some(record) = self.records.get(at as usize) {
+            let next = record.next;
+            if record.origin == origin && record.origin_id < before_origin_id {
+                if previous == NONE {
+                    self.replace_head(medium, &key, at, next);
+                } else {
+                    self.records[previous as usize].next = next;
+                }
+                self.release(at);
+            } else {
+                previous = at;
+            }
+            at = next;
+        }
+        self.maybe_compact();
+    }
+
+    /// Points the 3PID's table entry at `next` (its chain lost its first record `first`), or
+    /// drops the entry when the chain is now empty.
+    fn replace_head(&mut self, medium: Medium, key: &str, first: u32, next: u32) {
+        let hash = self.hasher.hash_one((medium, key));
+        if let Ok(entry) = self.heads.find_entry(hash, |&i| i == first) {
+            if next == NONE {
+                entry.remove();
+                self.threepids -= 1;
+            } else {
+                *entry.into_mut() = next;
             }
         }
     }
 
+    fn alloc(&mut self, record: Record) -> u32 {
+        if let Some(slot) = self.records.get_mut(self.free as usize) {
+            let index = self.free;
+            self.free = slot.next;
+            *slot = record;
+            return index;
+        }
+        self.records.push(record);
+        u32::try_from(self.records.len() - 1).expect("fewer than 4 billion bindings")
+    }
+
+    fn release(&mut self, index: u32) {
+        let free = self.free;
+        let record = &mut self.records[index as usize];
+        self.dead_text += record.key_len as usize + record.mxid_len as usize;
+        record.extra = None;
+        record.next = free;
+        record.key_len = 0;
+        record.mxid_len = 0;
+        self.free = index;
+    }
+
+    fn push_text(&mut self, key: &str, mxid: &str) -> u32 {
+        let at = u32::try_from(self.text.len()).expect("text arena under 4 GiB");
+        self.text
+            .extend_from_slice(&key.as_bytes()[..key.len().min(u16::MAX as usize)]);
+        self.text
+            .extend_from_slice(&mxid.as_bytes()[..mxid.len().min(u16::MAX as usize)]);
+        at
+    }
+
+    /// Rewrites the text arena with only the live records' text once most of it is dead
+    /// (rebinds and unbinds leave their old text behind).
+    fn maybe_compact(&mut self) {
+        if self.dead_text < COMPACT_AFTER_BYTES || self.dead_text * 2 < self.text.len() {
+            return;
+        }
+        let mut text = Vec::with_capacity(self.text.len() - self.dead_text);
+        // Free records hold no text (their lengths are 0).
+        for record in &mut self.records {
+            let start = record.text as usize;
+            let len = record.key_len as usize + record.mxid_len as usize;
+            record.text = u32::try_from(text.len()).expect("text arena under 4 GiB");
+            text.extend_from_slice(&self.text[start..start + len]);
+        }
+        self.text = text;
+        self.dead_text = 0;
+    }
+
+    /// The signature and extras of a row entering the index.
+    fn signed_parts(
+        &self,
+        row: &GlobalRow,
+        key: &str,
+        signatures: Signatures,
+    ) -> ([u8; 64], Option<Box<Extra>>) {
+        let mut extra = Extra {
+            not_before: (row.not_before != row.ts).then_some(row.not_before),
+            not_after: (row.not_after != row.ts.saturating_add(BINDING_LIFETIME_MS))
+                .then_some(row.not_after),
+            ..Extra::default()
+        };
+        let signature = match signatures {
+            Signatures::Own(signature) => Some(signature),
+            Signatures::FromRow => self.parse_signatures(row, key, &mut extra),
+        };
+        let signature = signature.unwrap_or_else(|| {
+            extra.whole = Some(row.sg_assoc.as_str().into());
+            [0; 64]
+        });
+        let any = extra.not_before.is_some()
+            || extra.not_after.is_some()
+            || extra.countersignature.is_some()
+            || extra.whole.is_some();
+        (signature, any.then(|| Box::new(extra)))
+    }
+
+    /// The origin's signature when the stored association is exactly the row's fields plus
+    /// `ed25519:0` signatures by the origin (and by this node); `None` to keep it whole.
+    fn parse_signatures(&self, row: &GlobalRow, key: &str, extra: &mut Extra) -> Option<[u8; 64]> {
+        let stored: StoredAssociation = serde_json::from_str(&row.sg_assoc).ok()?;
+        let exact = stored.medium == row.medium
+            && stored.address == key
+            && stored.mxid == row.mxid
+            && stored.ts == row.ts
+            && stored.not_before == row.not_before
+            && stored.not_after == row.not_after;
+        if !exact {
+            return None;
+        }
+        let one = |server: &str| -> Option<Option<[u8; 64]>> {
+            let Some(keys) = stored.signatures.get(server) else {
+                return Some(None);
+            };
+            let [(key_id, signature)] = keys.iter().collect::<Vec<_>>()[..] else {
+                return None;
+            };
+            if key_id != KEY_ID {
+                return None;
+            }
+            let bytes: [u8; 64] = decode_base64(signature)?.try_into().ok()?;
+            // Written again on lookup: only what encodes back to the same text.
+            (encode_base64(bytes) == *signature).then_some(Some(bytes))
+        };
+        let origin = one(&row.origin_server)??;
+        if row.origin_server != *self.own_name {
+            extra.countersignature = one(&self.own_name)?;
+        }
+        let expected = 1 + usize::from(extra.countersignature.is_some());
+        (stored.signatures.len() == expected).then_some(origin)
+    }
+
     /// The binding lookups answer: the valid one with the newest `ts`.
-    pub fn get(&self, medium: Medium, address: &str, now_ms: i64) -> Option<&IndexedBinding> {
-        self.by_threepid
-            .get(&(medium, Threepid::lookup_key(medium, address)))?
-            .iter()
-            .filter(|b| b.is_valid_at(now_ms))
+    pub fn get(&self, medium: Medium, address: &str, now_ms: i64) -> Option<Found<'_>> {
+        let key = Threepid::lookup_key(medium, address);
+        self.chain(self.head(medium, &key))
+            .filter(|r| {
+                // Inclusive start: a lookup in the same millisecond as the bind must see it.
+                let extra = r.extra.as_deref();
+                let not_before = extra.and_then(|e| e.not_before).unwrap_or(r.ts);
+                let not_after = extra
+                    .and_then(|e| e.not_after)
+                    .unwrap_or(r.ts.saturating_add(BINDING_LIFETIME_MS));
+                not_before <= now_ms && now_ms < not_after
+            })
             .max_by(|a, b| {
-                (a.ts, a.origin_id, &a.origin_server).cmp(&(b.ts, b.origin_id, &b.origin_server))
+                (a.ts, a.origin_id, &self.origins[a.origin as usize]).cmp(&(
+                    b.ts,
+                    b.origin_id,
+                    &self.origins[b.origin as usize],
+                ))
+            })
+            .map(|record| Found {
+                index: self,
+                record,
             })
     }
 
     /// The newest `ts` among every origin's binding of a 3PID, valid or not.
     pub fn newest_ts(&self, medium: Medium, address: &str) -> Option<i64> {
-        self.by_threepid
-            .get(&(medium, Threepid::lookup_key(medium, address)))?
-            .iter()
-            .map(|b| b.ts)
-            .max()
+        let key = Threepid::lookup_key(medium, address);
+        self.chain(self.head(medium, &key)).map(|r| r.ts).max()
     }
 
     /// How many 3PIDs have at least one binding.
     pub fn len(&self) -> usize {
-        self.by_threepid.len()
+        self.threepids
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_threepid.is_empty()
+        self.threepids == 0
+    }
+}
+
+fn hash_of(hasher: &RandomState, record: &Record, text: &[u8]) -> u64 {
+    let start = record.text as usize;
+    let key = text_str(&text[start..start + record.key_len as usize]);
+    hasher.hash_one((record.medium, key))
+}
+
+/// Text the arena holds: always whole strings, cut only at `u16::MAX` bytes.
+fn text_str(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_else(|e| {
+        // A string cut at 65,535 bytes mid-character: keep the valid part.
+        std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default()
+    })
+}
+
+/// A binding found by a lookup.
+pub struct Found<'a> {
+    index: &'a LookupIndex,
+    record: &'a Record,
+}
+
+impl Found<'_> {
+    pub fn origin_server(&self) -> &str {
+        &self.index.origins[self.record.origin as usize]
+    }
+
+    /// The 3PID as this node normalises it (bulk_lookup answers with it).
+    pub fn address(&self) -> &str {
+        self.index.key_of(self.record)
+    }
+
+    pub fn mxid(&self) -> &str {
+        self.index.mxid_of(self.record)
+    }
+
+    /// Whether the association lacks this node's signature (a peer's binding received before
+    /// receivers countersigned, e.g. from a Sydent database): the caller adds it.
+    pub fn needs_countersignature(&self) -> bool {
+        let extra = self.record.extra.as_deref();
+        self.origin_server() != &*self.index.own_name
+            && extra.is_none_or(|e| e.countersignature.is_none())
+    }
+
+    /// The signed association as JSON text (keys sorted, as the origin's signature covers
+    /// them; the whole stored text when it is kept whole).
+    pub fn signed_json(&self) -> String {
+        let record = self.record;
+        let extra = record.extra.as_deref();
+        if let Some(whole) = extra.and_then(|e| e.whole.as_deref()) {
+            return whole.to_owned();
+        }
+        let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let origin = self.origin_server();
+        let mut signatures = vec![(origin, &record.signature)];
+        if let Some(counter) = extra.and_then(|e| e.countersignature.as_ref()) {
+            signatures.push((&self.index.own_name, counter));
+        }
+        signatures.sort_by_key(|(server, _)| *server);
+        let signatures: Vec<String> = signatures
+            .into_iter()
+            .map(|(server, signature)| {
+                format!(
+                    "{}:{{\"{KEY_ID}\":\"{}\"}}",
+                    quote(server),
+                    encode_base64(signature)
+                )
+            })
+            .collect();
+        let not_before = extra.and_then(|e| e.not_before).unwrap_or(record.ts);
+        let not_after = extra
+            .and_then(|e| e.not_after)
+            .unwrap_or(record.ts.saturating_add(BINDING_LIFETIME_MS));
+        format!(
+            "{{\"address\":{},\"medium\":{},\"mxid\":{},\"not_after\":{not_after},\"not_before\":{not_before},\"signatures\":{{{}}},\"ts\":{}}}",
+            quote(self.address()),
+            quote(record.medium.as_str()),
+            quote(self.mxid()),
+            signatures.join(","),
+            record.ts
+        )
     }
 }
 
@@ -206,7 +520,7 @@ impl LookupIndex {
 ///
 /// A lock rather than an actor: lookups are the hot path and must not pay a message round
 /// trip; writes hold the lock only for the in-memory update of an already committed batch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SharedIndex(Arc<RwLock<LookupIndex>>);
 
 impl SharedIndex {
@@ -230,7 +544,11 @@ impl SharedIndex {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
+    use crate::association::ThreepidAssociation;
+    use crate::crypto::{sign_json, NodeSigningKey};
 
     fn row(origin: &str, id: i64, address: &str, mxid: &str, ts: i64) -> GlobalRow {
         GlobalRow {
@@ -247,57 +565,135 @@ mod tests {
         }
     }
 
-    #[test]
-    fn signed_json_is_kept_compact_and_served_as_stored() {
-        use crate::association::ThreepidAssociation;
-        use crate::crypto::NodeSigningKey;
-        let key = NodeSigningKey::generate();
-        let assoc = ThreepidAssociation::binding("email", "a\"b@x.org", "@u:x.org", 1_000);
-        let signed = Value::Object(assoc.signed("x.org", &key).unwrap());
-        let mut r = row("x.org", 1, "a\"b@x.org", "@u:x.org", 1_000);
-        r.not_after = assoc.not_after.unwrap();
-        r.sg_assoc = signed.to_string();
-        let mut index = LookupIndex::default();
-        index.insert(r.clone());
-        let binding = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
-        assert!(matches!(binding.signed, Signed::Signatures(_)));
-        assert_eq!(binding.signed_json(Medium::Email), signed.to_string());
+    fn signed_row(origin: &str, key: &NodeSigningKey, id: i64, address: &str) -> GlobalRow {
+        let assoc = ThreepidAssociation::binding("email", address, "@u:x.org", 1_000);
+        let signed = Value::Object(assoc.signed(origin, key).unwrap());
+        GlobalRow {
+            not_after: assoc.not_after.unwrap(),
+            sg_assoc: signed.to_string(),
+            ..row(origin, id, address, "@u:x.org", 1_000)
+        }
+    }
 
-        // Anything beyond the row's fields (Sydent leaked "invites" into some) is kept whole.
-        let mut extra = signed.clone();
-        extra["extra"] = serde_json::json!({"invites": []});
-        r.origin_id = 2;
-        r.sg_assoc = serde_json::to_string_pretty(&extra).unwrap();
-        index.insert(r);
-        let binding = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
-        assert!(matches!(binding.signed, Signed::Whole(_)));
-        assert_eq!(
-            binding.signed_json(Medium::Email),
-            serde_json::to_string_pretty(&extra).unwrap()
+    #[test]
+    fn a_record_stays_small() {
+        assert!(
+            std::mem::size_of::<Record>() <= 104,
+            "{}",
+            std::mem::size_of::<Record>()
         );
     }
 
     #[test]
+    fn signed_json_is_kept_compact_and_served_as_signed() {
+        let key = NodeSigningKey::generate();
+        let r = signed_row("x.org", &key, 1, "a\"b@x.org");
+        let mut index = LookupIndex::new("x.org", 0);
+        index.insert(r.clone(), Signatures::FromRow);
+        let found = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
+        assert!(found.record.extra.is_none(), "{:?}", found.record.extra);
+        assert_eq!(found.signed_json(), r.sg_assoc);
+        assert!(!found.needs_countersignature());
+
+        // Anything beyond the row's fields (Sydent leaked "invites" into some) is kept whole,
+        // and so is JSON written with other spacing.
+        let mut extra: Value = serde_json::from_str(&r.sg_assoc).unwrap();
+        extra["extra"] = serde_json::json!({"invites": []});
+        let pretty = serde_json::to_string_pretty(&extra).unwrap();
+        index.insert(
+            GlobalRow {
+                origin_id: 2,
+                sg_assoc: pretty.clone(),
+                ..r
+            },
+            Signatures::FromRow,
+        );
+        let found = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
+        assert_eq!(found.signed_json(), pretty);
+    }
+
+    #[test]
+    fn a_peers_binding_keeps_both_signatures() {
+        let (peer, ours) = (NodeSigningKey::generate(), NodeSigningKey::generate());
+        let mut r = signed_row("a.peer", &peer, 7, "p@x.org");
+        let mut index = LookupIndex::new("z.node", 0);
+        // Before receivers countersigned: the lookup adds ours.
+        index.insert(r.clone(), Signatures::FromRow);
+        let found = index.get(Medium::Email, "p@x.org", 1_001).unwrap();
+        assert!(found.needs_countersignature());
+        assert_eq!(found.signed_json(), r.sg_assoc);
+        // Countersigned when received: both kept, served in key order.
+        let mut object: serde_json::Map<String, Value> = serde_json::from_str(&r.sg_assoc).unwrap();
+        sign_json(&mut object, "z.node", &ours).unwrap();
+        r.sg_assoc = Value::Object(object).to_string();
+        r.origin_id = 8;
+        index.insert(r.clone(), Signatures::FromRow);
+        let found = index.get(Medium::Email, "p@x.org", 1_001).unwrap();
+        assert!(!found.needs_countersignature());
+        assert_eq!(found.signed_json(), r.sg_assoc);
+        assert_eq!(found.origin_server(), "a.peer");
+    }
+
+    #[test]
     fn newest_wins_across_origins_and_rebinds_replace() {
-        let mut index = LookupIndex::default();
-        index.insert(row("a", 1, "x@y.z", "@old:a", 100));
-        index.insert(row("b", 7, "x@y.z", "@b:b", 200));
+        let mut index = LookupIndex::new("me", 0);
+        index.insert(row("a", 1, "x@y.z", "@old:a", 100), Signatures::FromRow);
+        index.insert(row("b", 7, "x@y.z", "@b:b", 200), Signatures::FromRow);
         assert_eq!(
-            &*index.get(Medium::Email, "X@Y.Z", 250).unwrap().mxid,
+            index.get(Medium::Email, "X@Y.Z", 250).unwrap().mxid(),
             "@b:b"
         );
-        index.insert(row("a", 2, "x@y.z", "@new:a", 300));
+        index.insert(row("a", 2, "x@y.z", "@new:a", 300), Signatures::FromRow);
         assert_eq!(
-            &*index.get(Medium::Email, "x@y.z", 350).unwrap().mxid,
+            index.get(Medium::Email, "x@y.z", 350).unwrap().mxid(),
             "@new:a"
         );
-        // a's old binding is gone, not just hidden
+        // An older row of an origin does not replace its newer one.
+        index.insert(row("a", 1, "x@y.z", "@old:a", 100), Signatures::FromRow);
+        assert_eq!(
+            index.get(Medium::Email, "x@y.z", 350).unwrap().mxid(),
+            "@new:a"
+        );
+        assert_eq!(index.newest_ts(Medium::Email, "x@y.z"), Some(300));
+        // a's binding is gone, not just hidden
         index.remove("a", Medium::Email, "x@y.z", 3);
         assert_eq!(
-            &*index.get(Medium::Email, "x@y.z", 350).unwrap().mxid,
+            index.get(Medium::Email, "x@y.z", 350).unwrap().mxid(),
             "@b:b"
         );
         // outside its validity window a binding is not served
         assert!(index.get(Medium::Email, "x@y.z", 5000).is_none());
+        index.remove("b", Medium::Email, "x@y.z", 8);
+        assert!(index.is_empty());
+        assert!(index.get(Medium::Email, "x@y.z", 250).is_none());
+    }
+
+    #[test]
+    fn churn_reuses_records_and_compacts_text() {
+        let mut index = LookupIndex::new("me", 0);
+        for round in 0..40_000i64 {
+            let address = format!("user{}@example.org", round % 1000);
+            index.insert(
+                row("me", round + 1, &address, &format!("@u{round}:x"), round),
+                Signatures::FromRow,
+            );
+            if round % 3 == 0 {
+                index.remove("me", Medium::Email, &address, round + 2);
+            }
+        }
+        assert!(index.len() <= 1000);
+        assert!(index.records.len() <= 1000, "{}", index.records.len());
+        assert!(
+            index.text.len() < 2 * COMPACT_AFTER_BYTES + 100_000,
+            "{}",
+            index.text.len()
+        );
+        // What is left is right: the last round's binding of each 3PID not unbound after it.
+        for n in 0..1000i64 {
+            let last = 39_000 + n;
+            let found = index.get(Medium::Email, &format!("user{n}@example.org"), last);
+            let expected = (last % 3 != 0).then(|| format!("@u{last}:x"));
+            assert_eq!(found.map(|f| f.mxid().to_string()), expected, "{n}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
 use crate::http::{self, AppState};
-use crate::lookup_index::{LookupIndex, SharedIndex};
+use crate::lookup_index::{LookupIndex, SharedIndex, Signatures};
 use crate::mesh::tls::MeshTls;
 
 /// How long a graceful stop waits for in-flight requests.
@@ -216,12 +216,17 @@ impl Node {
                     })?;
                     Some(other)
                 };
-                let mut index = LookupIndex::default();
-                let rows = db::queries::for_each_global(&mut conn, |row| index.insert(row))
-                    .map_err(|source| db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    })?;
+                let query_err = |source| db::OpenError::Query {
+                    path: db_file.clone(),
+                    source,
+                };
+                let expected = db::queries::count_global(&mut conn).map_err(query_err)?;
+                let mut index = LookupIndex::new(&server_name, expected);
+                let rows = db::queries::for_each_global(&mut conn, |row| {
+                    index.insert(row, Signatures::FromRow)
+                })
+                .map_err(query_err)?;
+                index.shrink_to_fit();
                 let ephemeral =
                     db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
                         db::OpenError::Query {
@@ -366,6 +371,8 @@ impl Node {
                     .unwrap_or(i64::MAX / 1000)
                     .saturating_mul(1000),
                 now_ms: crate::now_ms,
+                own_name: config.general.server_name.clone(),
+                signing_key: config.crypto.signing_key.clone(),
             });
             let server_config = tls
                 .server_config()

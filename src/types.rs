@@ -72,10 +72,20 @@ impl Threepid {
 
     /// The key a lookup uses: the same normalisation without rejecting anything, so a stored
     /// row Sydent wrote before it casefolded is still found.
-    pub fn lookup_key(medium: Medium, address: &str) -> String {
+    /// Borrowed when the address is already in that form (lowercase ASCII: every row written
+    /// since Sydent casefolds), which spares the index an allocation per row and per lookup.
+    pub fn lookup_key(medium: Medium, address: &str) -> std::borrow::Cow<'_, str> {
+        use std::borrow::Cow;
         match medium {
-            Medium::Email => caseless::default_case_fold_str(address),
-            Medium::Msisdn => address.strip_prefix('+').unwrap_or(address).to_owned(),
+            Medium::Email
+                if address
+                    .bytes()
+                    .all(|b| b.is_ascii() && !b.is_ascii_uppercase()) =>
+            {
+                Cow::Borrowed(address)
+            }
+            Medium::Email => Cow::Owned(caseless::default_case_fold_str(address)),
+            Medium::Msisdn => Cow::Borrowed(address.strip_prefix('+').unwrap_or(address)),
         }
     }
 }
@@ -277,6 +287,19 @@ mod tests {
         ] {
             assert!(Threepid::parse("email", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn lookup_keys_casefold_only_what_needs_it() {
+        use std::borrow::Cow;
+        let key = Threepid::lookup_key(Medium::Email, "plain@example.org");
+        assert!(matches!(key, Cow::Borrowed("plain@example.org")));
+        assert_eq!(
+            Threepid::lookup_key(Medium::Email, "Straße@X.org"),
+            "strasse@x.org"
+        );
+        assert_eq!(Threepid::lookup_key(Medium::Email, "ǅ@x.org"), "ǆ@x.org");
+        assert_eq!(Threepid::lookup_key(Medium::Msisdn, "+4477"), "4477");
     }
 
     #[test]

@@ -22,10 +22,10 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use crate::association::ThreepidAssociation;
-use crate::crypto::{lookup_hash, NodeSigningKey};
+use crate::crypto::{decode_base64, lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::{DbError, GlobalRow};
-use crate::lookup_index::SharedIndex;
+use crate::lookup_index::{SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
 
 /// Most writes committed in one transaction; the rest wait for the next one.
@@ -141,8 +141,8 @@ pub struct PreparedBind {
     assoc: ThreepidAssociation,
     /// The signed association, serialized once.
     sg_assoc: Arc<str>,
-    /// Its `signatures` object, serialized (for the lookup index).
-    signatures: Box<str>,
+    /// Our `ed25519:0` signature in it, for the lookup index (`None`: another key id).
+    signature: Option<[u8; 64]>,
     hash: String,
 }
 
@@ -160,14 +160,16 @@ impl PreparedBind {
             ..ThreepidAssociation::binding(medium.as_str(), address, mxid.as_str(), now)
         };
         let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
-        let signatures = signed
+        let signature = signed
             .get("signatures")
-            .map(Value::to_string)
-            .unwrap_or_default()
-            .into();
+            .and_then(|s| s.get(ctx.server_name.as_str()))
+            .and_then(|s| s.get("ed25519:0"))
+            .and_then(Value::as_str)
+            .and_then(decode_base64)
+            .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok());
         Ok(Self {
             sg_assoc: Value::Object(signed).to_string().into(),
-            signatures,
+            signature,
             hash: lookup_hash(address, medium.as_str(), &ctx.pepper),
             assoc,
         })
@@ -199,8 +201,8 @@ enum Write {
 enum Applied {
     Bound {
         signed: Arc<str>,
-        /// The `signatures` object of `signed`, as JSON text.
-        signatures: Box<str>,
+        /// Our signature in `signed`, when the index can keep it compactly.
+        signature: Option<[u8; 64]>,
         row: GlobalRow,
     },
     Unbound {
@@ -316,11 +318,13 @@ fn finish_batch(
     index.write(|index| {
         for applied in results.iter().flatten() {
             match applied {
-                Applied::Bound {
-                    row, signatures, ..
-                } => {
+                Applied::Bound { row, signature, .. } => {
                     newest_local = newest_local.max(Some(row.origin_id));
-                    index.insert_signed(row.clone(), signatures.clone())
+                    let signatures = match signature {
+                        Some(signature) => Signatures::Own(*signature),
+                        None => Signatures::FromRow,
+                    };
+                    index.insert(row.clone(), signatures)
                 }
                 Applied::Replicated {
                     origin,
@@ -328,7 +332,7 @@ fn finish_batch(
                     removed,
                 } => {
                     for row in inserted {
-                        index.insert(row.clone());
+                        index.insert(row.clone(), Signatures::FromRow);
                     }
                     for (medium, address, id) in removed {
                         if let Some(medium) = crate::types::Medium::parse(medium) {
@@ -560,7 +564,7 @@ fn apply_bind(
     queries::supersede_global(conn, &row)?;
     Ok(Applied::Bound {
         signed: Arc::clone(&bind.sg_assoc),
-        signatures: bind.signatures.clone(),
+        signature: bind.signature,
         row,
     })
 }

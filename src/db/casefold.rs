@@ -66,7 +66,7 @@ pub fn casefold_emails(
 }
 
 fn folded(address: &str) -> String {
-    Threepid::lookup_key(Medium::Email, address)
+    Threepid::lookup_key(Medium::Email, address).into_owned()
 }
 
 fn casefold_local(

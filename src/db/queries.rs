@@ -181,6 +181,14 @@ pub fn for_each_global(
     Ok(count)
 }
 
+/// How many rows the global table holds (the index reserves room for them).
+pub fn count_global(conn: &mut SqliteConnection) -> QueryResult<usize> {
+    global::table
+        .count()
+        .get_result::<i64>(conn)
+        .map(|n| usize::try_from(n).unwrap_or(0))
+}
+
 /// Every invite (ephemeral) public key this node has issued, for `pubkey/ephemeral/isvalid`.
 pub fn ephemeral_public_keys(conn: &mut SqliteConnection) -> QueryResult<Vec<String>> {
     use super::schema::ephemeral_public_keys::dsl::*;

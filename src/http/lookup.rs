@@ -24,25 +24,22 @@ fn parse_medium(medium: &str) -> Result<Medium, ApiError> {
 
 /// GET /_matrix/identity/api/v1/lookup?medium=&address=
 ///
-/// The newest valid binding's signed association as stored, with our signature added when
-/// its origin was another server; `{}` when the 3PID is not bound.
+/// The newest valid binding's signed association as its origin signed it, with our signature
+/// when its origin was another server (added when it was received; here for the few received
+/// before); `{}` when the 3PID is not bound.
 async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
     let [medium, address] = args.strings(["medium", "address"])?;
     let medium = parse_medium(medium)?;
-    let server_name = &state.config.general.server_name;
     let now = crate::now_ms();
     let found = state.index.read(|index| {
-        index.get(medium, address, now).map(|b| {
-            (
-                &*b.origin_server == server_name.as_str(),
-                b.signed_json(medium),
-            )
-        })
+        index
+            .get(medium, address, now)
+            .map(|b| (b.needs_countersignature(), b.signed_json()))
     });
     let body = match found {
         None => "{}".to_owned(),
-        Some((true, signed)) => signed,
-        Some((false, signed)) => countersign(&signed, &state)?,
+        Some((false, signed)) => signed,
+        Some((true, signed)) => countersign(&signed, &state)?,
     };
     Ok(HttpResponse::Ok()
         .content_type(ContentType::json())
@@ -101,7 +98,7 @@ async fn bulk_lookup(state: web::Data<AppState>, args: Args) -> Result<HttpRespo
             .filter_map(|(medium, address)| {
                 index
                     .get(*medium, address, now)
-                    .map(|b| (*medium, b.address.to_string(), b.mxid.to_string()))
+                    .map(|b| (*medium, b.address().to_owned(), b.mxid().to_owned()))
             })
             .collect()
     });

@@ -20,11 +20,11 @@ use super::error::ApiError;
 use super::{resource, AppState};
 use crate::actors::peers::{ActivePeer, ActivePeers, Refusal};
 use crate::actors::store::{ApplyReplicated, AssociationStore, Replicated};
-use crate::crypto::verify_json_batch;
+use crate::crypto::{sign_json, verify_json_batch, NodeSigningKey};
 use crate::mesh::peers::{Peer, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
 use crate::mesh::wire::{PushAccepted, PushBody};
-use crate::types::{Mxid, Threepid};
+use crate::types::{Mxid, ServerName, Threepid};
 
 /// Largest push body read. Our batches of 1,000 are ~350 KB (~800 KB with the longest
 /// addresses and Matrix IDs); Sydent's are 100 associations. Nothing a peer really sends
@@ -62,6 +62,9 @@ pub struct ReplicationState {
     pub max_clock_skew_ms: i64,
     /// This node's clock (a parameter so tests of the skew rule can fix time).
     pub now_ms: fn() -> i64,
+    /// This node's name and key: received bindings are countersigned once, on arrival.
+    pub own_name: ServerName,
+    pub signing_key: NodeSigningKey,
 }
 
 pub fn configure_receiver(cfg: &mut web::ServiceConfig) {
@@ -141,9 +144,13 @@ async fn receive(
 ) -> Result<usize, ApiError> {
     let origin = peer.peer.server_name.clone();
     let checked_peer = peer.peer.clone();
-    let not_after = (state.now_ms)().saturating_add(state.max_clock_skew_ms);
-    let skew_secs = state.max_clock_skew_ms / 1000;
-    let items = web::block(move || verify_batch(&checked_peer, &body, not_after, skew_secs))
+    let rules = Rules {
+        not_after: (state.now_ms)().saturating_add(state.max_clock_skew_ms),
+        skew_secs: state.max_clock_skew_ms / 1000,
+        own_name: state.own_name.clone(),
+        signing_key: state.signing_key.clone(),
+    };
+    let items = web::block(move || verify_batch(&checked_peer, &body, &rules))
         .await
         .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))?
         .inspect_err(|e| log::warn!("replication: refused a push from {origin}: {e}"))?;
@@ -162,15 +169,20 @@ async fn receive(
     Ok(count)
 }
 
-/// Parses and verifies a push body from `peer`: every association or an error naming the
-/// ones that failed. Associations whose `ts` is after `not_after` are refused (the peer
-/// retries them once they are no longer in the future). Sorted by origin id.
-fn verify_batch(
-    peer: &Peer,
-    body: &[u8],
+/// What a push is checked against besides the peer's key, and how it is countersigned.
+struct Rules {
+    /// Associations whose `ts` is after this are refused (the peer retries them once they are
+    /// no longer in the future).
     not_after: i64,
     skew_secs: i64,
-) -> Result<Vec<Replicated>, ApiError> {
+    own_name: ServerName,
+    signing_key: NodeSigningKey,
+}
+
+/// Parses and verifies a push body from `peer`: every association, countersigned by this node
+/// (once, here, rather than on every lookup), or an error naming the ones that failed. Sorted
+/// by origin id.
+fn verify_batch(peer: &Peer, body: &[u8], rules: &Rules) -> Result<Vec<Replicated>, ApiError> {
     let body: PushBody = serde_json::from_slice(body).map_err(|e| {
         ApiError::BadJson(format!("Not a push body ({{\"sgAssocs\": {{…}}}}): {e}"))
     })?;
@@ -190,7 +202,9 @@ fn verify_batch(
     let mut failed = Vec::new();
     for (id, item) in parsed {
         match item {
-            Some((_, fields)) if verified.next() == Some(true) => checked.push((id, fields)),
+            Some((object, fields)) if verified.next() == Some(true) => {
+                checked.push((id, object, fields))
+            }
             _ => failed.push(id.clone()),
         }
     }
@@ -209,11 +223,20 @@ fn verify_batch(
     // Signed by the peer, but values this node would not accept from its own clients.
     let (mut items, mut invalid, mut future) =
         (Vec::with_capacity(checked.len()), Vec::new(), Vec::new());
-    for (id, fields) in checked {
+    for (id, object, fields) in checked {
         match fields.validate() {
             Err(_) => invalid.push(id.clone()),
-            Ok(item) if item.ts > not_after => future.push(id.clone()),
-            Ok(item) => items.push(item),
+            Ok(item) if item.ts > rules.not_after => future.push(id.clone()),
+            Ok(item) if item.mxid.is_none() => items.push(item),
+            Ok(item) => {
+                let mut object = object.clone();
+                sign_json(&mut object, &rules.own_name, &rules.signing_key)
+                    .map_err(|e| ApiError::Internal(format!("cannot countersign: {e}")))?;
+                items.push(Replicated {
+                    sg_assoc: Value::Object(object).to_string(),
+                    ..item
+                });
+            }
         }
     }
     if !invalid.is_empty() {
@@ -227,8 +250,9 @@ fn verify_batch(
         sort_ids(&mut future);
         return Err(ApiError::InvalidAssociations(
             format!(
-                "The ts of one or more associations is more than {skew_secs} s ahead of this \
-                 server's clock (check the clocks; they are accepted once they are not)"
+                "The ts of one or more associations is more than {} s ahead of this \
+                 server's clock (check the clocks; they are accepted once they are not)",
+                rules.skew_secs
             ),
             future,
         ));

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Memory per binding and restart-to-serving time (issue 12 targets): a release node is filled
+# through the internal API to 100,000 and then 1,000,000 bindings; after each it is stopped and
+# started again, and we measure how long until it answers a lookup of a binding, and its RSS
+# once serving, against the same node started empty.
+#
+#   benches/restart.sh            # COUNTS="100000 1000000" by default
+#
+# Everything runs on loopback in a temp dir; the node is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNTS=${COUNTS:-"100000 1000000"}
+cargo build --release --quiet
+BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
+DIR=$(mktemp -d)
+NODE=
+trap 'if [ -n "$NODE" ]; then kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; fi; rm -rf "$DIR"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+CPORT=$(free_port); IPORT=$(free_port)
+cat > "$DIR/sydent.conf" <<CONF
+[general]
+server.name = bench.example.org
+log.level = WARNING
+[db]
+db.file = $DIR/sydent.db
+[http]
+clientapi.http.bind_address = 127.0.0.1
+clientapi.http.port = $CPORT
+clientapi.http.workers = 1
+internalapi.http.bind_address = 127.0.0.1
+internalapi.http.port = $IPORT
+CONF
+
+now_ms() { date +%s%3N; }
+# start PROBE: starts the node, waits until a v1 lookup of PROBE answers its binding (or, with
+# PROBE empty, until the node answers at all); prints the milliseconds that took.
+start() {
+  local t0; t0=$(now_ms)
+  "$BIN" --config "$DIR/sydent.conf" & NODE=$!
+  local url="http://127.0.0.1:$CPORT/_matrix/identity/versions" expect=versions
+  if [ -n "$1" ]; then url="http://127.0.0.1:$CPORT/_matrix/identity/api/v1/lookup?medium=email&address=$1%40example.org"; expect=mxid; fi
+  until curl -sf "$url" 2>/dev/null | grep -q "$expect"; do sleep 0.005; done
+  echo $(( $(now_ms) - t0 ))
+}
+stop() { kill $NODE; wait $NODE || true; NODE=; }
+rss_kb() { sleep 1; awk '/VmRSS/ {print $2}' /proc/$NODE/status; }
+
+seed() { # seed FROM TO: binds seed-FROM..seed-(TO-1), 64 in flight
+  python3 - "$IPORT" "$1" "$2" <<'PY'
+import http.client, json, sys, concurrent.futures
+port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def work(chunk):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    for i in chunk:
+        c.request("POST", "/_matrix/identity/internal/bind",
+                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse(); r.read(); assert r.status == 200, r.status
+chunks = [range(s, hi, 64) for s in range(lo, lo + 64)]
+with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
+PY
+}
+
+MS=$(start "")
+EMPTY=$(rss_kb)
+echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
+printf "%-12s %14s %10s %18s\n" bindings "restart→lookup" "RSS" "bytes/binding"
+printf "%-12s %12s ms %7s MB %18s\n" 0 "$MS" "$((EMPTY / 1024))" "-"
+HAVE=0
+for N in $COUNTS; do
+  echo "seeding to $N bindings..." >&2
+  seed "$HAVE" "$N"; HAVE=$N
+  stop
+  MS=$(start "seed-$((N - 1))")
+  RSS=$(rss_kb)
+  printf "%-12s %12s ms %7s MB %18s\n" "$N" "$MS" "$((RSS / 1024))" "$(( (RSS - EMPTY) * 1024 / N ))"
+done
