@@ -100,7 +100,8 @@ impl TestNode {
                 }
             });
         }
-        // With `log.path` set the node logs to that file: follow it instead.
+        // With `log.path` set the node logs to that file: follow it instead, for as long as the
+        // node's log is kept (by the TestNode or the stderr reader).
         let log_file = std::fs::read_to_string(config_path).ok().and_then(|c| {
             c.lines().find_map(|l| {
                 l.strip_prefix("log.path = ")
@@ -108,18 +109,21 @@ impl TestNode {
             })
         });
         if let Some(path) = log_file {
-            let log = Arc::clone(&log);
+            let log = Arc::downgrade(&log);
             std::thread::spawn(move || {
                 let mut seen = 0;
-                loop {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    for line in text.get(seen..).unwrap_or_default().lines() {
+                while let Some(log) = log.upgrade() {
+                    let text = std::fs::read(&path).unwrap_or_default();
+                    // Whole lines only: one being written is read on the next round.
+                    let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    for line in
+                        String::from_utf8_lossy(text.get(seen..end).unwrap_or_default()).lines()
+                    {
                         log.lock().unwrap().push_str(&format!("{line}\n"));
-                        if tx.send(line.to_string()).is_err() {
-                            return;
-                        }
+                        let _ = tx.send(line.to_string()); // heard only while starting
                     }
-                    seen = text.len();
+                    seen = seen.max(end);
+                    drop(log);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
