@@ -14,7 +14,7 @@ use sydent_rs::crypto::NodeSigningKey;
 use sydent_rs::mesh::peers::peer_file_text;
 use sydent_rs::mesh::tls::MeshTls;
 
-use crate::harness::TestNode;
+use crate::harness::{signal, TestNode};
 use crate::internal_bind::sqlite_rows;
 use harness::{mesh_config, port_of, Mesh, PortHold, TestCa};
 
@@ -174,12 +174,30 @@ async fn a_peer_that_was_down_catches_up_without_loss_or_duplicates() {
 #[tokio::test]
 async fn a_node_killed_mid_push_converges_after_restart() {
     let mut mesh = Mesh::start(&["a.test", "b.test"]).await;
-    // Bind 2,000 and kill A the moment the last bind is acknowledged: pushes are in flight.
-    bind_many(&mesh, A, "k", 2000).await;
+    // B has A's first 1,000 rows; then B freezes (SIGSTOP) and A binds 1,000 more: A's push of
+    // them goes out and waits for an answer that cannot come yet.
+    bind_many(&mesh, A, "k", 1000).await;
+    wait_origin_rows(&mesh, B, "a.test", 1000).await;
+    signal(mesh.nodes[B].node().pid(), "STOP");
+    bind_many(&mesh, A, "m", 1000).await;
+    let pushing = wait_for_queue(&mesh, A, "b.test", |q| q["state"] == "pushing").await;
+    assert_ne!(
+        pushing["peers"]["b.test"]["cursor"], pushing["local_id"],
+        "{pushing}"
+    );
+
+    // A dies mid-push. B is still frozen, so its rows are what it had at that moment.
     mesh.nodes[A].node.as_mut().unwrap().kill();
-    let (before, _) = origin_rows(&mesh.nodes[B].db(), "a.test");
+    let (held, _) = origin_rows(&mesh.nodes[B].db(), "a.test");
+    assert!(
+        0 < held && held < 2000,
+        "B had {held} of A's 2000 rows when A was killed: not mid-push"
+    );
+
+    // B thaws (and may still apply the push whose sender is gone); A comes back and re-sends
+    // from its last acknowledged id. B ends with every row once.
+    signal(mesh.nodes[B].node().pid(), "CONT");
     mesh.restart(A);
-    eprintln!("B had {before} of 2000 rows when A was killed");
     wait_origin_rows(&mesh, B, "a.test", 2000).await;
 }
 
