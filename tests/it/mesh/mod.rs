@@ -69,15 +69,17 @@ async fn binds_unbinds_and_rebinds_reach_every_node() {
     let mesh = Mesh::start(&["a.test", "b.test", "c.test"]).await;
 
     // A bind on A, then on the others within moments (event-driven, no timer).
-    let started = Instant::now();
     let signed = mesh.bind(A, "x@example.com", "@x:a.test").await;
     mesh.wait_lookup(&[B, C], "x@example.com", Some("@x:a.test"))
         .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
+    // As the nodes measured it, from A's signature to B's commit (the test's polling does not
+    // count). Generous, so a loaded 2-core machine passes: Sydent's pushes wait for a 10 s tick.
+    let on_b = mesh.status(B).await;
+    let latency = on_b["peers"]["a.test"]["last_received_ts"]
+        .as_i64()
+        .unwrap()
+        - signed["ts"].as_i64().unwrap();
+    assert!(latency < 20_000, "A's bind reached B after {latency} ms");
     // B serves A's association with A's signature intact.
     let (_, on_b) = mesh.nodes[B]
         .node()
@@ -89,8 +91,10 @@ async fn binds_unbinds_and_rebinds_reach_every_node() {
         "B countersigns: {on_b}"
     );
 
-    // A later rebind of the same 3PID on B wins everywhere.
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // A later rebind of the same 3PID on B wins everywhere (later: a newer `ts`, in ms).
+    while sydent_rs::now_ms() <= signed["ts"].as_i64().unwrap() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     mesh.bind(B, "x@example.com", "@x:b.test").await;
     mesh.wait_lookup(&[A, B, C], "x@example.com", Some("@x:b.test"))
         .await;
@@ -437,13 +441,17 @@ async fn peer_files_added_and_removed_at_run_time() {
     mesh.hup_all();
     mesh.wait_for_peers(A, 1).await;
     mesh.wait_for_peers(B, 1).await;
+    let received_from_a = |status: Value| status["peers"]["a.test"]["received"].clone();
+    let before = received_from_a(mesh.status(C).await);
     mesh.bind(A, "late@example.com", "@late:a.test").await;
-    mesh.wait_lookup(&[B], "late@example.com", Some("@late:a.test"))
+    mesh.bind(A, "later@example.com", "@later:a.test").await;
+    // B has the later bind: A's push round after "late" is over, and none of it went to C.
+    mesh.wait_lookup(&[B], "later@example.com", Some("@later:a.test"))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(mesh.lookup(C, "late@example.com").await, None);
+    assert_eq!(received_from_a(mesh.status(C).await), before);
     mesh.bind(C, "fromc@example.com", "@c:c.test").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = mesh.status(C).await;
         if status["peers"]["a.test"]["last_error"]
