@@ -2,41 +2,76 @@
 //! config with a new key, restarts keep key and data, SIGTERM exits 0 and removes the pidfile,
 //! bad configs stop startup with one line naming the key.
 
-use std::net::TcpListener;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::harness::{base_config, run_to_exit, TestNode, BINARY};
 
+/// How to run a command in a network namespace of its own, and how to enter it later:
+/// `unshare -n` as root (CI), else inside a user namespace too where the kernel allows that.
+fn own_network_namespace() -> (&'static [&'static str], &'static [&'static str]) {
+    let works = |args: &[&str]| {
+        Command::new("unshare")
+            .args(args)
+            .arg("true")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(&["-n"]) {
+        (&["-n"], &["-n"])
+    } else if works(&["-r", "-n"]) {
+        (&["-r", "-n"], &["-U", "-n", "--preserve-credentials"])
+    } else {
+        panic!("this test runs a node on port 8090 in a network namespace of its own: it needs `unshare -n` (root) or `unshare -rn` (unprivileged user namespaces)")
+    }
+}
+
 #[tokio::test]
 async fn first_start_writes_config_with_a_new_key_then_serves() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("sydent.conf");
     let db = dir.path().join("data.db");
-    // Defaults only, as on a fresh machine; the env vars Sydent reads set the defaults.
-    let port_free = TcpListener::bind("[::]:8090").is_ok();
-    let mut cmd = std::process::Command::new(BINARY);
-    cmd.env("SYDENT_CONF", &conf)
+    // Defaults only, as on a fresh machine; the env vars Sydent reads set the defaults. The
+    // default client port is 8090: the node gets a network namespace of its own, where that
+    // port is always free and nothing else on the machine is in the way.
+    let (unshare, nsenter) = own_network_namespace();
+    let mut cmd = Command::new("unshare");
+    cmd.args(unshare)
+        .arg(BINARY)
+        .env("SYDENT_CONF", &conf)
         .env("SYDENT_SERVER_NAME", "fresh.example.org")
         .env("SYDENT_DB_PATH", &db)
         .env("SYDENT_PID_FILE", dir.path().join("fresh.pid"));
-    match TestNode::start_cmd(dir.path(), &conf, &mut cmd) {
-        Ok(mut node) => {
-            assert!(node.client_url.ends_with(":8090"), "{}", node.client_url);
-            let (status, body) = node.get("/_matrix/identity/versions").await;
-            assert_eq!(status, 200, "{body}");
-            assert!(dir.path().join("fresh.pid").exists());
-            assert!(node.stop().success());
-        }
-        Err(log) => {
-            assert!(
-                !port_free,
-                "port 8090 was free but the node did not start: {log}"
-            );
-            assert!(log.contains("[http] clientapi.http.port"), "{log}");
-        }
-    }
+    let mut node = TestNode::start_cmd(dir.path(), &conf, &mut cmd)
+        .unwrap_or_else(|log| panic!("the node did not start: {log}"));
+    assert!(node.client_url.ends_with(":8090"), "{}", node.client_url);
+    // Ask it from inside its namespace (whose loopback starts down).
+    let in_namespace = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .args(["-t", &node.pid().to_string()])
+            .args(nsenter)
+            .args(args)
+            .output()
+            .expect("nsenter runs");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    in_namespace(&["ip", "link", "set", "lo", "up"]);
+    let versions = in_namespace(&[
+        "curl",
+        "-sS",
+        "--fail",
+        "--max-time",
+        "20",
+        "http://127.0.0.1:8090/_matrix/identity/versions",
+    ]);
+    let versions: serde_json::Value = serde_json::from_str(&versions).expect("JSON body");
+    assert!(versions["versions"].is_array(), "{versions}");
+    assert!(dir.path().join("fresh.pid").exists());
+    assert!(node.stop().success());
     let text = std::fs::read_to_string(&conf).expect("config written on first start");
     for needle in [
         "[general]",
