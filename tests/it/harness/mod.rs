@@ -147,6 +147,11 @@ impl TestNode {
                             }
                         }
                     }
+                    if let Err(e) = wait_for_signal_handlers(child.id(), deadline) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!("{e}; its log:\n{}", log.lock().unwrap()));
+                    }
                     let url_after = |marker: &str| {
                         line.split(marker).nth(1).map(|rest| {
                             format!("http://{}", rest.split([',', ' ']).next().unwrap_or(""))
@@ -274,6 +279,33 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits until process `pid` catches SIGTERM, SIGINT and SIGHUP (`SigCgt` in
+/// `/proc/<pid>/status`). A node logs that it serves before it installs its handlers (in
+/// `main`, after `Node::start` returns), and a signal in between kills it outright: a test
+/// that stops or HUPs a node right after start must not land there.
+fn wait_for_signal_handlers(pid: u32, deadline: Instant) -> Result<(), String> {
+    // Bit n - 1 for signal n: SIGTERM 15, SIGINT 2, SIGHUP 1.
+    const WANTED: u64 = (1 << 14) | (1 << 1) | 1;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & WANTED == WANTED {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the node never caught SIGTERM, SIGINT and SIGHUP (SigCgt {caught:x})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
