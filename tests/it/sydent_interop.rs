@@ -349,17 +349,20 @@ async fn replicates_both_ways_with_a_real_sydent() {
     )
     .await;
 
-    // sydent-rs's status page shows Sydent caught up.
-    let status = crate::harness::get_json(&format!(
-        "{}/_matrix/identity/internal/replication",
-        rust.internal()
-    ))
-    .await;
-    assert_eq!(
-        status["peers"]["sydent.test"]["cursor"], status["local_id"],
-        "{status}"
-    );
-    assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
+    // sydent-rs's status page shows Sydent caught up, once sydent-rs has read Sydent's answer
+    // (a moment after Sydent serves what it was pushed).
+    let status_url = format!("{}/_matrix/identity/internal/replication", rust.internal());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = crate::harness::get_json(&status_url).await;
+        let sydent_queue = &status["peers"]["sydent.test"];
+        if sydent_queue["cursor"] == status["local_id"] {
+            assert_eq!(sydent_queue["backlog"], 0, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // One more from sydent-rs, for Sydent to hold when it is replaced below.
     rust.internal_3pid("bind", "fromrust@example.com", "@fr:localhost:1")
         .await;
