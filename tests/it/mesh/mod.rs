@@ -482,7 +482,7 @@ async fn peer_files_added_and_removed_at_run_time() {
         .node()
         .wait_for_log(
             "broken.conf: [peer] base_replication_url is missing",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
         )
         .await;
     mesh.bind(A, "after-broken@example.com", "@ab:a.test").await;
