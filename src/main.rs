@@ -174,13 +174,19 @@ fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
     let config = Arc::new(config);
     let system = actix_web::rt::System::new();
     system.block_on(async move {
+        // Before the node starts: once it logs that it serves, a supervisor (or a test) may
+        // signal it at any moment, and an unhandled SIGTERM would kill it without a clean stop.
+        let signals = match StopSignals::install() {
+            Ok(signals) => signals,
+            Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+        };
         let mut node = match Node::start(config, listeners).await {
             Ok(node) => node,
             Err(e) => return fail(e),
         };
         let failure = node.store_failure();
         let code = tokio::select! {
-            _ = wait_for_stop_signal(&node) => {
+            _ = signals.wait(&node) => {
                 log::info!("stop signal received: finishing in-flight requests");
                 ExitCode::SUCCESS
             }
@@ -201,22 +207,32 @@ fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
 /// The exit code when the association store failed (EX_SOFTWARE).
 const EXIT_STORE_FAILED: u8 = 70;
 
-/// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers meanwhile.
-async fn wait_for_stop_signal(node: &Node) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        log::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => node.reload_peers(),
+/// SIGTERM, SIGINT (stop) and SIGHUP (re-read the replication peers), handled from before the
+/// node starts.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers meanwhile.
+    async fn wait(mut self, node: &Node) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => node.reload_peers(),
+            }
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct PushStatus {
     pub last_success_ts: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_ts: Option<i64>,
+    /// While `retrying`: when the next attempt is due (ms since the epoch) unless the peer
+    /// shows it is back first; `None` otherwise.
+    pub next_attempt_ts: Option<i64>,
     /// `starting`, `pushing`, `idle` (caught up) or `retrying`.
     pub state: &'static str,
 }
@@ -277,14 +280,19 @@ impl PushLoop {
         });
     }
 
-    /// Sleeps `backoff` ± 25 % and returns the next, doubled and capped; returns at once,
-    /// with the backoff reset, when the peer is known to be back (it pushed to us).
+    /// Sleeps `backoff` ± 25 % (the status shows until when) and returns the next, doubled and
+    /// capped; returns at once, with the backoff reset, when the peer is known to be back (it
+    /// pushed to us).
     async fn pause(&self, backoff: Duration) -> Duration {
         let jitter = 0.75 + (OsRng.next_u32() as f64 / u32::MAX as f64) * 0.5;
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => (backoff * 2).min(BACKOFF_MAX),
+        let wait = backoff.mul_f64(jitter);
+        self.update(|s| s.next_attempt_ts = Some(crate::now_ms() + wait.as_millis() as i64));
+        let next = tokio::select! {
+            _ = tokio::time::sleep(wait) => (backoff * 2).min(BACKOFF_MAX),
             _ = self.wake.notified() => BACKOFF_MIN,
-        }
+        };
+        self.update(|s| s.next_attempt_ts = None);
+        next
     }
 
     /// The next batch after `cursor`, signed, or `None` when caught up.

@@ -36,19 +36,27 @@ struct SydentNode {
     child: Child,
     client: String,
     internal: String,
-    replication_port: u16,
     dir: PathBuf,
 }
 
+/// Sydent could not bind the replication port it was given: someone took it first.
+struct PortTaken;
+
 impl SydentNode {
+    /// Starts Sydent with its replication listener on `replication_port` (its other listeners
+    /// on ports the OS picks).
     fn start(
         python: &Path,
         dir: &Path,
         certfile: &Path,
         cacert: &Path,
         key: &NodeSigningKey,
+        replication_port: u16,
         peer: &str,
-    ) -> Self {
+    ) -> Result<Self, PortTaken> {
+        // The launcher's own errors (a port in use among them) go to stderr, Sydent's to its log.
+        let stderr_path = dir.join("launcher.err");
+        let stderr = std::fs::File::create(&stderr_path).expect("create launcher.err");
         let mut child = Command::new(python)
             .arg(repo().join("tests/sydent/run_sydent.py"))
             .args([
@@ -57,14 +65,8 @@ impl SydentNode {
                 "--server-name",
                 "sydent.test",
             ])
-            .args([
-                "--client-port",
-                "0",
-                "--internal-port",
-                "0",
-                "--replication-port",
-                "0",
-            ])
+            .args(["--client-port", "0", "--internal-port", "0"])
+            .args(["--replication-port", &replication_port.to_string()])
             .args([
                 "--certfile",
                 certfile.to_str().unwrap(),
@@ -73,7 +75,7 @@ impl SydentNode {
             ])
             .args(["--signing-key", &key.to_sydent_string(), "--peer", peer])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start Sydent");
         let stdout = child.stdout.take().unwrap();
@@ -89,8 +91,15 @@ impl SydentNode {
                 Ok(_) => continue,
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    if err.contains(&format!(
+                        ":{replication_port}: [Errno 98] Address already in use"
+                    )) {
+                        return Err(PortTaken);
+                    }
                     let log = std::fs::read_to_string(dir.join("sydent.log")).unwrap_or_default();
-                    panic!("Sydent did not start; its log:\n{log}");
+                    panic!("Sydent did not start; its stderr:\n{err}\nits log:\n{log}");
                 }
             }
         };
@@ -101,15 +110,17 @@ impl SydentNode {
                 .unwrap_or_else(|| panic!("{name} in {ready}"))
                 .to_string()
         };
-        let replication = field("replication");
+        assert_eq!(
+            port_of(field("replication").trim_end_matches('/')),
+            replication_port
+        );
         assert_eq!(field("verify_key"), key.verify_key().to_base64());
-        Self {
+        Ok(Self {
             client: field("client"),
             internal: field("internal"),
-            replication_port: port_of(replication.trim_end_matches('/')),
             child,
             dir: dir.to_path_buf(),
-        }
+        })
     }
 
     async fn lookup(&self, address: &str) -> Value {
@@ -141,13 +152,14 @@ impl Drop for SydentNode {
     }
 }
 
-/// Polls `f` until it yields `expected` (Sydent pushes on a 10 s timer: allow three ticks).
+/// Polls `f` until it yields `expected` (Sydent pushes on a 10 s timer: allow several ticks
+/// on a loaded machine).
 async fn eventually<F, Fut>(what: &str, expected: Option<&str>, mut f: F, log: impl Fn() -> String)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Value>,
 {
-    let deadline = Instant::now() + Duration::from_secs(35);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = f().await;
         if got["mxid"].as_str() == expected {
@@ -170,20 +182,11 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let peers_dir = root.path().join("peers.d");
     std::fs::create_dir(&peers_dir).unwrap();
 
-    // sydent-rs first, once, to create its database and key; its replication port is fixed
-    // (picked free here) because both sides must name each other before either runs.
+    // sydent-rs first, once, to create its database and key.
     let rust_dir = root.path().join("rust");
     std::fs::create_dir(&rust_dir).unwrap();
     let (certfile, cacert) = ca.write_node_files(&rust_dir, "rust.test");
-    let rust_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let rust_config = mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert).replace(
-        "replication.https.port = 0",
-        &format!("replication.https.port = {rust_port}"),
-    );
+    let rust_config = mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert);
     let mut first = TestNode::start_with_config(&rust_dir, &rust_config);
     assert!(first.stop().success());
     let (code, rust_peer_file, err) = crate::harness::run_to_exit(
@@ -203,23 +206,10 @@ async fn replicates_both_ways_with_a_real_sydent() {
         .unwrap()
         .to_string();
 
-    // Sydent, with sydent-rs in its peers table (rows made by the launcher).
-    let sydent_dir = root.path().join("sydent");
-    std::fs::create_dir(&sydent_dir).unwrap();
-    let (sydent_cert, sydent_ca) = ca.write_node_files(&sydent_dir, "sydent.test");
+    // Sydent in sydent-rs's database the way a Sydent admin configures peers: rows in `peers`
+    // and `peer_pubkeys`, the URL in a [peer.NAME] section (written below; peers.d is the other
+    // way, covered by the mesh tests).
     let sydent_key = NodeSigningKey::generate();
-    let sydent = SydentNode::start(
-        &python,
-        &sydent_dir,
-        &sydent_cert,
-        &sydent_ca,
-        &sydent_key,
-        &format!("rust.test=https://localhost:{rust_port}={rust_key}"),
-    );
-
-    // ...and Sydent in sydent-rs's database the way a Sydent admin configured peers: rows in
-    // `peers` and `peer_pubkeys`, the URL in a [peer.NAME] section (peers.d is the other way,
-    // covered by the mesh tests).
     {
         use diesel::connection::SimpleConnection;
         use diesel::Connection;
@@ -234,13 +224,47 @@ async fn replicates_both_ways_with_a_real_sydent() {
         .unwrap();
     }
     let config_path = rust_dir.join("sydent.conf");
-    let mut config = std::fs::read_to_string(&config_path).unwrap();
-    config.push_str(&format!(
-        "\n[peer.sydent.test]\nbase_replication_url = https://localhost:{}\n",
-        sydent.replication_port
-    ));
-    std::fs::write(&config_path, config).unwrap();
-    let rust = TestNode::start(&rust_dir, &config_path).unwrap();
+    let rust_config = std::fs::read_to_string(&config_path).unwrap();
+    let sydent_dir = root.path().join("sydent");
+    std::fs::create_dir(&sydent_dir).unwrap();
+    let (sydent_cert, sydent_ca) = ca.write_node_files(&sydent_dir, "sydent.test");
+
+    // Each side names the other before it runs. sydent-rs takes a port from the OS and reports
+    // it; Sydent is given one found free here, and if something takes it before Sydent binds
+    // it, both start again on a fresh one.
+    let mut attempts = 0;
+    let (rust, sydent) = loop {
+        attempts += 1;
+        let sydent_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            &config_path,
+            format!(
+                "{rust_config}\n[peer.sydent.test]\nbase_replication_url = https://localhost:{sydent_port}\n"
+            ),
+        )
+        .unwrap();
+        let rust = TestNode::start(&rust_dir, &config_path).unwrap();
+        let rust_port = port_of(rust.replication_addr.as_deref().unwrap());
+        match SydentNode::start(
+            &python,
+            &sydent_dir,
+            &sydent_cert,
+            &sydent_ca,
+            &sydent_key,
+            sydent_port,
+            &format!("rust.test=https://localhost:{rust_port}={rust_key}"),
+        ) {
+            Ok(sydent) => break (rust, sydent),
+            Err(PortTaken) if attempts < 5 => {
+                eprintln!("port {sydent_port} was taken before Sydent bound it; again");
+            }
+            Err(PortTaken) => panic!("5 ports in a row were taken before Sydent bound them"),
+        }
+    };
     let logs = || {
         format!(
             "--- sydent-rs:\n{}\n--- Sydent:\n{}",
@@ -325,17 +349,20 @@ async fn replicates_both_ways_with_a_real_sydent() {
     )
     .await;
 
-    // sydent-rs's status page shows Sydent caught up.
-    let status = crate::harness::get_json(&format!(
-        "{}/_matrix/identity/internal/replication",
-        rust.internal()
-    ))
-    .await;
-    assert_eq!(
-        status["peers"]["sydent.test"]["cursor"], status["local_id"],
-        "{status}"
-    );
-    assert_eq!(status["peers"]["sydent.test"]["backlog"], 0, "{status}");
+    // sydent-rs's status page shows Sydent caught up, once sydent-rs has read Sydent's answer
+    // (a moment after Sydent serves what it was pushed).
+    let status_url = format!("{}/_matrix/identity/internal/replication", rust.internal());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = crate::harness::get_json(&status_url).await;
+        let sydent_queue = &status["peers"]["sydent.test"];
+        if sydent_queue["cursor"] == status["local_id"] {
+            assert_eq!(sydent_queue["backlog"], 0, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // One more from sydent-rs, for Sydent to hold when it is replaced below.
     rust.internal_3pid("bind", "fromrust@example.com", "@fr:localhost:1")
         .await;

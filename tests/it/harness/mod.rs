@@ -100,7 +100,8 @@ impl TestNode {
                 }
             });
         }
-        // With `log.path` set the node logs to that file: follow it instead.
+        // With `log.path` set the node logs to that file: follow it instead, for as long as the
+        // node's log is kept (by the TestNode or the stderr reader).
         let log_file = std::fs::read_to_string(config_path).ok().and_then(|c| {
             c.lines().find_map(|l| {
                 l.strip_prefix("log.path = ")
@@ -108,18 +109,21 @@ impl TestNode {
             })
         });
         if let Some(path) = log_file {
-            let log = Arc::clone(&log);
+            let log = Arc::downgrade(&log);
             std::thread::spawn(move || {
                 let mut seen = 0;
-                loop {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    for line in text.get(seen..).unwrap_or_default().lines() {
+                while let Some(log) = log.upgrade() {
+                    let text = std::fs::read(&path).unwrap_or_default();
+                    // Whole lines only: one being written is read on the next round.
+                    let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                    for line in
+                        String::from_utf8_lossy(text.get(seen..end).unwrap_or_default()).lines()
+                    {
                         log.lock().unwrap().push_str(&format!("{line}\n"));
-                        if tx.send(line.to_string()).is_err() {
-                            return;
-                        }
+                        let _ = tx.send(line.to_string()); // heard only while starting
                     }
-                    seen = text.len();
+                    seen = seen.max(end);
+                    drop(log);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
@@ -142,6 +146,11 @@ impl TestNode {
                                 break;
                             }
                         }
+                    }
+                    if let Err(e) = wait_for_signal_handlers(child.id(), deadline) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!("{e}; its log:\n{}", log.lock().unwrap()));
                     }
                     let url_after = |marker: &str| {
                         line.split(marker).nth(1).map(|rest| {
@@ -270,6 +279,33 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits until process `pid` catches SIGTERM, SIGINT and SIGHUP (`SigCgt` in
+/// `/proc/<pid>/status`). A node logs that it serves before it installs its handlers (in
+/// `main`, after `Node::start` returns), and a signal in between kills it outright: a test
+/// that stops or HUPs a node right after start must not land there.
+fn wait_for_signal_handlers(pid: u32, deadline: Instant) -> Result<(), String> {
+    // Bit n - 1 for signal n: SIGTERM 15, SIGINT 2, SIGHUP 1.
+    const WANTED: u64 = (1 << 14) | (1 << 1) | 1;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & WANTED == WANTED {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the node never caught SIGTERM, SIGINT and SIGHUP (SigCgt {caught:x})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -3,6 +3,8 @@
 //! `https://localhost:<port>`), one shared peers.d written with the real `peer-file` command.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -297,6 +299,46 @@ pub async fn lookup_mxid(node: &TestNode, address: &str) -> Option<String> {
         .await;
     assert_eq!(status, 200, "{body}");
     body["mxid"].as_str().map(str::to_string)
+}
+
+/// Keeps a stopped node's port from other tests' nodes until it restarts there: a listener that
+/// closes every connection at once, so a push to it fails as fast as to a closed port. Dropping
+/// it frees the port.
+pub struct PortHold {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PortHold {
+    pub fn new(port: u16) -> Self {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("holding port {port}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if listener.accept().is_err() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PortHold {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 pub fn port_of(addr: &str) -> u16 {
