@@ -33,15 +33,15 @@ internalapi.http.port = $IPORT
 CONF
 
 now_ms() { date +%s%3N; }
-# start PROBE: starts the node, waits until a v1 lookup of PROBE answers its binding (or, with
-# PROBE empty, until the node answers at all); prints the milliseconds that took.
+# start PROBE: starts the node (NODE), waits until a v1 lookup of PROBE answers its binding (or,
+# with PROBE empty, until the node answers at all), and sets MS to the milliseconds that took.
 start() {
   local t0; t0=$(now_ms)
-  "$BIN" --config "$DIR/sydent.conf" & NODE=$!
+  "$BIN" --config "$DIR/sydent.conf" >/dev/null & NODE=$!
   local url="http://127.0.0.1:$CPORT/_matrix/identity/versions" expect=versions
   if [ -n "$1" ]; then url="http://127.0.0.1:$CPORT/_matrix/identity/api/v1/lookup?medium=email&address=$1%40example.org"; expect=mxid; fi
   until curl -sf "$url" 2>/dev/null | grep -q "$expect"; do sleep 0.005; done
-  echo $(( $(now_ms) - t0 ))
+  MS=$(( $(now_ms) - t0 ))
 }
 stop() { kill $NODE; wait $NODE || true; NODE=; }
 rss_kb() { sleep 1; awk '/VmRSS/ {print $2}' /proc/$NODE/status; }
@@ -62,7 +62,7 @@ with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
 PY
 }
 
-MS=$(start "")
+start ""
 EMPTY=$(rss_kb)
 echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores"
 printf "%-12s %14s %10s %18s\n" bindings "restart→lookup" "RSS" "bytes/binding"
@@ -72,7 +72,7 @@ for N in $COUNTS; do
   echo "seeding to $N bindings..." >&2
   seed "$HAVE" "$N"; HAVE=$N
   stop
-  MS=$(start "seed-$((N - 1))")
+  start "seed-$((N - 1))"
   RSS=$(rss_kb)
   printf "%-12s %12s ms %7s MB %18s\n" "$N" "$MS" "$((RSS / 1024))" "$(( (RSS - EMPTY) * 1024 / N ))"
 done

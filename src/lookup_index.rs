@@ -4,7 +4,9 @@
 //!
 //! SQLite stays the source of truth. The association store is the only writer: it applies a
 //! change here right after the transaction that made it commits, and before it answers the
-//! request, so a client reads its own writes and never sees an uncommitted one.
+//! request, so a client reads its own writes and never sees an uncommitted one. After a start
+//! the index is loaded in the background ([`SharedIndex::warming`]): the node serves at once,
+//! its lookups reading SQLite until the index is ready.
 //!
 //! The layout is compact (about 150 bytes a binding; a million fit in ~150 MB): a binding is a
 //! fixed-size [`Record`] in one vector, its 3PID key and Matrix ID are bytes in one text arena
@@ -123,6 +125,15 @@ impl LookupIndex {
             hasher: RandomState::new(),
             threepids: 0,
         }
+    }
+
+    /// Every binding of the global table, read through `conn`.
+    pub fn load(conn: &mut diesel::SqliteConnection, own_name: &str) -> diesel::QueryResult<Self> {
+        let expected = crate::db::queries::count_global(conn)?;
+        let mut index = Self::new(own_name, expected);
+        crate::db::queries::for_each_global(conn, |row| index.insert(row, Signatures::FromRow))?;
+        index.shrink_to_fit();
+        Ok(index)
     }
 
     /// Gives back what loading reserved but did not use.
@@ -516,29 +527,222 @@ impl Found<'_> {
     }
 }
 
+/// A committed change, as the store hands it to the index.
+pub enum Change {
+    Insert(GlobalRow, Signatures),
+    /// A tombstone: `origin`'s bindings of the 3PID older than `before_origin_id` go.
+    Remove {
+        origin: String,
+        medium: Medium,
+        address: String,
+        before_origin_id: i64,
+    },
+}
+
+impl LookupIndex {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Insert(row, signatures) => self.insert(row, signatures),
+            Change::Remove {
+                origin,
+                medium,
+                address,
+                before_origin_id,
+            } => self.remove(&origin, medium, &address, before_origin_id),
+        }
+    }
+}
+
+enum State {
+    /// Being loaded from a snapshot taken before the store's first write; what the store
+    /// commits meanwhile waits here and is applied on top of the snapshot.
+    Warming {
+        pending: Vec<Change>,
+        source: Arc<WarmUpReads>,
+    },
+    Ready(LookupIndex),
+}
+
+/// Why a lookup could not be answered while the index warms up.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmUpError {
+    #[error(transparent)]
+    Db(crate::db::OpenError),
+    #[error("warm-up read thread: {0}")]
+    Thread(String),
+}
+
+/// How lookups are answered while the index warms up: from SQLite, through a few read
+/// connections of their own (WAL: they never wait for the store).
+pub struct WarmUpReads {
+    db_file: String,
+    own_name: Arc<str>,
+    /// Idle connections. A mutex, not an actor: it is held only to take or put back one
+    /// connection, never across a query, and only during the seconds of a warm-up.
+    idle: std::sync::Mutex<Vec<diesel::SqliteConnection>>,
+}
+
+impl WarmUpReads {
+    /// An index of just these 3PIDs' rows, read from the database now.
+    fn read(&self, threepids: &[(Medium, String)]) -> Result<LookupIndex, crate::db::OpenError> {
+        let taken = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match taken {
+            Some(conn) => conn,
+            None => crate::db::connect(&self.db_file)?,
+        };
+        let mut index = LookupIndex::new(&self.own_name, threepids.len());
+        for (medium, address) in threepids {
+            let key = Threepid::lookup_key(*medium, address);
+            let rows = crate::db::queries::global_for(&mut conn, medium.as_str(), &key).map_err(
+                |source| crate::db::OpenError::Query {
+                    path: self.db_file.clone(),
+                    source,
+                },
+            )?;
+            for row in rows {
+                index.insert(row, Signatures::FromRow);
+            }
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        Ok(index)
+    }
+}
+
 /// The index shared between the store (the one writer) and the HTTP workers (readers).
 ///
 /// A lock rather than an actor: lookups are the hot path and must not pay a message round
 /// trip; writes hold the lock only for the in-memory update of an already committed batch.
-#[derive(Debug, Clone)]
-pub struct SharedIndex(Arc<RwLock<LookupIndex>>);
+/// While the index warms up after a start, readers are told it is not there ([`Self::read`]
+/// answers `None`) and read SQLite instead.
+#[derive(Clone)]
+pub struct SharedIndex(Arc<RwLock<State>>);
+
+impl std::fmt::Debug for SharedIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_ready() {
+            "SharedIndex(ready)"
+        } else {
+            "SharedIndex(warming)"
+        })
+    }
+}
 
 impl SharedIndex {
+    /// An index that is ready to serve.
     pub fn new(index: LookupIndex) -> Self {
-        Self(Arc::new(RwLock::new(index)))
+        Self(Arc::new(RwLock::new(State::Ready(index))))
     }
 
-    /// Runs `f` with read access.
-    pub fn read<T>(&self, f: impl FnOnce(&LookupIndex) -> T) -> T {
-        // A poisoned lock means a writer panicked mid-update; the data is still a valid map.
-        let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
-        f(&guard)
+    /// An index whose loader has taken its snapshot of `db_file` and is still reading it.
+    pub fn warming(db_file: &str, own_name: &str) -> Self {
+        let source = Arc::new(WarmUpReads {
+            db_file: db_file.into(),
+            own_name: own_name.into(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        });
+        Self(Arc::new(RwLock::new(State::Warming {
+            pending: Vec::new(),
+            source,
+        })))
     }
 
-    /// Runs `f` with write access (the store only).
-    pub(crate) fn write<T>(&self, f: impl FnOnce(&mut LookupIndex) -> T) -> T {
+    /// Loads the index from `snapshot` on a thread of its own, then serves from it; `delay`
+    /// holds the finished index back (a test-only hook, to observe the warm-up).
+    pub fn load_in_background(
+        &self,
+        mut snapshot: crate::db::Snapshot,
+        delay: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let shared = self.clone();
+        let own_name = match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Warming { source, .. } => Arc::clone(&source.own_name),
+            State::Ready(_) => return Ok(()),
+        };
+        std::thread::Builder::new()
+            .name("index-load".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match LookupIndex::load(snapshot.conn(), &own_name) {
+                    Ok(index) => {
+                        drop(snapshot);
+                        std::thread::sleep(delay);
+                        let count = index.len();
+                        shared.finish_warming(index);
+                        log::info!(
+                            "lookup index ready: {count} 3PIDs loaded in {} ms",
+                            started.elapsed().as_millis()
+                        );
+                    }
+                    // Lookups keep reading SQLite: slower, still right.
+                    Err(e) => {
+                        log::error!("cannot load the lookup index: {e}; lookups read the database")
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// The loaded snapshot: the changes committed since it was taken are applied to it, and
+    /// the index serves from now on.
+    pub fn finish_warming(&self, mut loaded: LookupIndex) {
         let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
+        if let State::Warming { pending, .. } = &mut *guard {
+            for change in pending.drain(..) {
+                loaded.apply(change);
+            }
+            loaded.shrink_to_fit();
+            *guard = State::Ready(loaded);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(
+            *self.0.read().unwrap_or_else(|e| e.into_inner()),
+            State::Ready(_)
+        )
+    }
+
+    /// Runs `f` with read access; `None` while the index warms up.
+    pub fn read<T>(&self, f: impl FnOnce(&LookupIndex) -> T) -> Option<T> {
+        // A poisoned lock means a writer panicked mid-update; the data is still a valid map.
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Ready(index) => Some(f(index)),
+            State::Warming { .. } => None,
+        }
+    }
+
+    /// Runs `f` on the index and `threepids`; while the index warms up, on an index of just the
+    /// rows of `threepids`, read from SQLite on a blocking thread (the answers are the same:
+    /// SQLite is the truth).
+    pub async fn lookup<T: Send + 'static>(
+        &self,
+        threepids: Vec<(Medium, String)>,
+        f: impl Fn(&LookupIndex, &[(Medium, String)]) -> T + Send + 'static,
+    ) -> Result<T, WarmUpError> {
+        let source = match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Ready(index) => return Ok(f(index, &threepids)),
+            State::Warming { source, .. } => Arc::clone(source),
+        };
+        actix_web::rt::task::spawn_blocking(move || {
+            source.read(&threepids).map(|i| f(&i, &threepids))
+        })
+        .await
+        .map_err(|e| WarmUpError::Thread(e.to_string()))?
+        .map_err(WarmUpError::Db)
+    }
+
+    /// Applies committed changes (the store only).
+    pub(crate) fn apply(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        match &mut *self.0.write().unwrap_or_else(|e| e.into_inner()) {
+            State::Ready(index) => changes.into_iter().for_each(|c| index.apply(c)),
+            State::Warming { pending, .. } => pending.extend(changes),
+        }
     }
 }
 

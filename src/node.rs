@@ -18,7 +18,7 @@ use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
 use crate::http::{self, AppState};
-use crate::lookup_index::{LookupIndex, SharedIndex, Signatures};
+use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
 
 /// How long a graceful stop waits for in-flight requests.
@@ -109,6 +109,12 @@ fn bind_with_fallback(address: &str, port: u16) -> io::Result<TcpListener> {
     }
 }
 
+/// How the lookup index starts: loaded already, or to be loaded from a snapshot.
+enum Warm {
+    Loaded(LookupIndex),
+    Snapshot(db::Snapshot),
+}
+
 /// A running HTTP server: its handle (to stop it) and its task.
 type RunningServer = (
     ServerHandle,
@@ -188,7 +194,8 @@ impl Node {
             config.general.server_name.clone(),
             config.crypto.signing_key.clone(),
         );
-        let (conn, pepper, rows, index, ephemeral_keys, max_local, checkpoint_conn) =
+        let opening = std::time::Instant::now();
+        let (conn, pepper, index, ephemeral_keys, max_local, checkpoint_conn) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
                 let casefolded =
@@ -216,17 +223,20 @@ impl Node {
                     })?;
                     Some(other)
                 };
-                let query_err = |source| db::OpenError::Query {
-                    path: db_file.clone(),
-                    source,
+                // The index is loaded from a snapshot taken now, before the store's first
+                // write, on a thread of its own: the node serves meanwhile, and what the store
+                // commits is applied on top. `:memory:` cannot be shared: loaded here.
+                let index = if db_file == ":memory:" {
+                    let index = LookupIndex::load(&mut conn, &server_name).map_err(|source| {
+                        db::OpenError::Query {
+                            path: db_file.clone(),
+                            source,
+                        }
+                    })?;
+                    Warm::Loaded(index)
+                } else {
+                    Warm::Snapshot(db::snapshot(&db_file)?)
                 };
-                let expected = db::queries::count_global(&mut conn).map_err(query_err)?;
-                let mut index = LookupIndex::new(&server_name, expected);
-                let rows = db::queries::for_each_global(&mut conn, |row| {
-                    index.insert(row, Signatures::FromRow)
-                })
-                .map_err(query_err)?;
-                index.shrink_to_fit();
                 let ephemeral =
                     db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
                         db::OpenError::Query {
@@ -243,7 +253,6 @@ impl Node {
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
-                    rows,
                     index,
                     ephemeral,
                     max_local,
@@ -252,9 +261,25 @@ impl Node {
             })
             .await
             .map_err(|e| StartError::Other(format!("database open panicked: {e}")))??;
-        log::info!("database {} open: {} bindings", config.db.db_file, rows);
-
-        let index = SharedIndex::new(index);
+        log::info!(
+            "database {} open in {} ms",
+            config.db.db_file,
+            opening.elapsed().as_millis()
+        );
+        let index = match index {
+            Warm::Loaded(index) => SharedIndex::new(index),
+            Warm::Snapshot(snapshot) => {
+                let index = SharedIndex::warming(&config.db.db_file, &config.general.server_name);
+                let delay = std::env::var("SYDENT_RS_TEST_WARM_UP_DELAY_MS")
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+                index
+                    .load_in_background(snapshot, delay)
+                    .map_err(|e| StartError::Other(format!("index loader: {e}")))?;
+                index
+            }
+        };
         let checkpointer = checkpoint_conn.map(|c| Checkpointer::new(c).start());
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
         let store_ctx = Arc::new(StoreContext {

@@ -25,7 +25,7 @@ use crate::association::ThreepidAssociation;
 use crate::crypto::{decode_base64, lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::{DbError, GlobalRow};
-use crate::lookup_index::{SharedIndex, Signatures};
+use crate::lookup_index::{Change, SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
 
 /// Most writes committed in one transaction; the rest wait for the next one.
@@ -83,7 +83,10 @@ impl Bind {
         mxid: Mxid,
     ) -> Result<Self, StoreError> {
         let now = (ctx.now_ms)();
-        let newest = index.read(|i| i.newest_ts(threepid.medium, &threepid.address));
+        // While the index warms up after a start this is not known: the bind's ts is now.
+        let newest = index
+            .read(|i| i.newest_ts(threepid.medium, &threepid.address))
+            .flatten();
         let ts = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
         PreparedBind::new(ctx, &threepid, &mxid, now, ts).map(Self)
     }
@@ -315,42 +318,52 @@ fn finish_batch(
         }
     };
     let mut newest_local = None;
-    index.write(|index| {
-        for applied in results.iter().flatten() {
-            match applied {
-                Applied::Bound { row, signature, .. } => {
-                    newest_local = newest_local.max(Some(row.origin_id));
-                    let signatures = match signature {
-                        Some(signature) => Signatures::Own(*signature),
-                        None => Signatures::FromRow,
-                    };
-                    index.insert(row.clone(), signatures)
-                }
-                Applied::Replicated {
-                    origin,
-                    inserted,
-                    removed,
-                } => {
-                    for row in inserted {
-                        index.insert(row.clone(), Signatures::FromRow);
-                    }
-                    for (medium, address, id) in removed {
-                        if let Some(medium) = crate::types::Medium::parse(medium) {
-                            index.remove(origin, medium, address, *id);
-                        }
-                    }
-                }
-                Applied::Unbound {
-                    tombstone_id: Some(id),
-                    threepid,
-                } => {
-                    newest_local = newest_local.max(Some(*id));
-                    index.remove(&ctx.server_name, threepid.medium, &threepid.address, *id)
-                }
-                _ => {}
+    let mut changes = Vec::new();
+    for applied in results.iter().flatten() {
+        match applied {
+            Applied::Bound { row, signature, .. } => {
+                newest_local = newest_local.max(Some(row.origin_id));
+                let signatures = match signature {
+                    Some(signature) => Signatures::Own(*signature),
+                    None => Signatures::FromRow,
+                };
+                changes.push(Change::Insert(row.clone(), signatures));
             }
+            Applied::Replicated {
+                origin,
+                inserted,
+                removed,
+            } => {
+                for row in inserted {
+                    changes.push(Change::Insert(row.clone(), Signatures::FromRow));
+                }
+                for (medium, address, id) in removed {
+                    if let Some(medium) = crate::types::Medium::parse(medium) {
+                        changes.push(Change::Remove {
+                            origin: origin.clone(),
+                            medium,
+                            address: address.clone(),
+                            before_origin_id: *id,
+                        });
+                    }
+                }
+            }
+            Applied::Unbound {
+                tombstone_id: Some(id),
+                threepid,
+            } => {
+                newest_local = newest_local.max(Some(*id));
+                changes.push(Change::Remove {
+                    origin: ctx.server_name.to_string(),
+                    medium: threepid.medium,
+                    address: threepid.address.clone(),
+                    before_origin_id: *id,
+                });
+            }
+            _ => {}
         }
-    });
+    }
+    index.apply(changes);
     // Wake the replication pushers: the rows are committed, so they can read them.
     if let Some(id) = newest_local {
         local_id.send_if_modified(|current| {

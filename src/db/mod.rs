@@ -1,14 +1,17 @@
 //! The SQLite database: opening it (pragmas, migrations, adopting a database Sydent made),
 //! the diesel schema, row types, the queries the actors run, and the one-time casefolding of
-//! emails Sydent stored before it casefolded them. Only the actors in
-//! `crate::actors` call into this module; HTTP code never does.
+//! emails Sydent stored before it casefolded them. The actors in `crate::actors` and the
+//! lookup index (loading, and its reads while it warms up) call into this module; HTTP code
+//! never does.
 
 pub mod casefold;
 mod open;
 pub mod queries;
 pub mod schema;
 
-pub use open::{connect, defer_checkpoints, open, OpenError, STORE_AUTOCHECKPOINT_PAGES};
+pub use open::{
+    connect, defer_checkpoints, open, snapshot, OpenError, Snapshot, STORE_AUTOCHECKPOINT_PAGES,
+};
 pub use queries::{GlobalRow, LocalRow};
 
 /// Any failure of a query: the store logs it and the client sees a 500.

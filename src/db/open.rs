@@ -111,6 +111,34 @@ pub fn connect(path: &str) -> Result<SqliteConnection, OpenError> {
     Ok(conn)
 }
 
+/// A read transaction on a connection of its own: everything read through it is the database
+/// as it was when [`snapshot`] returned, whatever the store commits meanwhile (WAL).
+pub struct Snapshot(SqliteConnection);
+
+/// Takes a [`Snapshot`] of a database [`open`] has already prepared. Not for `:memory:`.
+pub fn snapshot(path: &str) -> Result<Snapshot, OpenError> {
+    let mut conn = connect(path)?;
+    // A deferred transaction takes its snapshot at its first read.
+    conn.batch_execute("BEGIN; SELECT count(*) FROM global_threepid_associations;")
+        .map_err(|source| OpenError::Query {
+            path: path.into(),
+            source,
+        })?;
+    Ok(Snapshot(conn))
+}
+
+impl Snapshot {
+    pub fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.0
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = self.0.batch_execute("COMMIT");
+    }
+}
+
 /// Sydent numbers its schema in `PRAGMA user_version`. Version 5 is the schema our migration
 /// creates; versions 2–4 lack columns or indexes that `CREATE … IF NOT EXISTS` cannot add, so
 /// they are added here, as Sydent's own upgrade steps would.

@@ -75,6 +75,18 @@ pub fn local_for(
         .transpose()
 }
 
+/// Every origin's rows for one 3PID (lookups while the index warms up).
+pub fn global_for(
+    conn: &mut SqliteConnection,
+    medium: &str,
+    address: &str,
+) -> QueryResult<Vec<GlobalRow>> {
+    global::table
+        .filter(global::medium.eq(medium).and(global::address.eq(address)))
+        .select(GlobalRow::as_select())
+        .load(conn)
+}
+
 // One origin's rows for one 3PID. `+originServer` makes SQLite use the (medium, address)
 // index: left to itself it walks every row of the origin through (originServer, originId),
 // and a bind's cost grew with the table.

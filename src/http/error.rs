@@ -122,6 +122,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::lookup_index::WarmUpError> for ApiError {
+    fn from(e: crate::lookup_index::WarmUpError) -> Self {
+        Self::Internal(format!("lookup while the index warms up: {e}"))
+    }
+}
+
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         Self::Internal(format!("association store unreachable: {e}"))

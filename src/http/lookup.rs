@@ -31,11 +31,14 @@ async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, 
     let [medium, address] = args.strings(["medium", "address"])?;
     let medium = parse_medium(medium)?;
     let now = crate::now_ms();
-    let found = state.index.read(|index| {
-        index
-            .get(medium, address, now)
-            .map(|b| (b.needs_countersignature(), b.signed_json()))
-    });
+    let found = state
+        .index
+        .lookup(vec![(medium, address.to_owned())], move |index, asked| {
+            index
+                .get(medium, &asked[0].1, now)
+                .map(|b| (b.needs_countersignature(), b.signed_json()))
+        })
+        .await?;
     let body = match found {
         None => "{}".to_owned(),
         Some((false, signed)) => signed,
@@ -89,19 +92,22 @@ async fn bulk_lookup(state: web::Data<AppState>, args: Args) -> Result<HttpRespo
                 "each entry of threepids must be a [medium, address] pair of strings".into(),
             ));
         };
-        queries.push((parse_medium(medium)?, address));
+        queries.push((parse_medium(medium)?, address.to_owned()));
     }
     let now = crate::now_ms();
-    let found: BTreeSet<(Medium, String, String)> = state.index.read(|index| {
-        queries
-            .iter()
-            .filter_map(|(medium, address)| {
-                index
-                    .get(*medium, address, now)
-                    .map(|b| (*medium, b.address().to_owned(), b.mxid().to_owned()))
-            })
-            .collect()
-    });
+    let found: BTreeSet<(Medium, String, String)> = state
+        .index
+        .lookup(queries, move |index, asked| {
+            asked
+                .iter()
+                .filter_map(|(medium, address)| {
+                    index
+                        .get(*medium, address, now)
+                        .map(|b| (*medium, b.address().to_owned(), b.mxid().to_owned()))
+                })
+                .collect()
+        })
+        .await?;
     let threepids: Vec<Value> = found
         .into_iter()
         .map(|(medium, address, mxid)| json!([medium.as_str(), address, mxid]))

@@ -376,3 +376,94 @@ async fn sigterm_under_load_loses_no_acknowledged_bind() {
     let status = crate::harness::wait_with_deadline(node.child_mut(), Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "SIGINT exits 0");
 }
+
+/// A restarted node serves at once, before its lookup index is loaded: lookups read SQLite
+/// meanwhile, and the binds and unbinds made during the warm-up are in the index once it is
+/// ready (it was loaded from a snapshot taken before them).
+#[tokio::test]
+async fn a_restarted_node_serves_while_its_index_warms_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node =
+        TestNode::start_with_config(dir.path(), &base_config(dir.path(), "warm.example.org"));
+    for (address, mxid) in [
+        ("kept@example.org", "@kept:example.org"),
+        ("gone@example.org", "@gone:example.org"),
+        ("moved@example.org", "@old:example.org"),
+    ] {
+        node.internal_3pid("bind", address, mxid).await;
+    }
+    assert!(node.stop().success());
+
+    let config = dir.path().join("sydent.conf");
+    let mut cmd = std::process::Command::new(BINARY);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("SYDENT_RS_TEST_WARM_UP_DELAY_MS", "10000");
+    let node = TestNode::start_cmd(dir.path(), &config, &mut cmd).unwrap();
+    let mxid_of = |address: &'static str| {
+        let node = &node;
+        async move {
+            let (status, body) = node
+                .get(&format!(
+                    "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+                    address.replace('@', "%40")
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body["mxid"].as_str().map(str::to_string)
+        }
+    };
+    let bulk = || {
+        let node = &node;
+        async move {
+            let asked = json!({"threepids": [
+                ["email", "kept@example.org"], ["email", "gone@example.org"],
+                ["email", "moved@example.org"], ["email", "fresh@example.org"],
+                ["email", "never@example.org"]]});
+            node.post("/_matrix/identity/api/v1/bulk_lookup", &asked)
+                .await
+                .1
+        }
+    };
+    let expected_bulk = json!({"threepids": [
+        ["email", "fresh@example.org", "@fresh:example.org"],
+        ["email", "kept@example.org", "@kept:example.org"],
+        ["email", "moved@example.org", "@new:example.org"]]});
+
+    // Warming up: answers from SQLite, and writes go on.
+    assert_eq!(
+        mxid_of("kept@example.org").await.as_deref(),
+        Some("@kept:example.org")
+    );
+    node.internal_3pid("unbind", "gone@example.org", "@gone:example.org")
+        .await;
+    node.internal_3pid("bind", "moved@example.org", "@new:example.org")
+        .await;
+    node.internal_3pid("bind", "fresh@example.org", "@fresh:example.org")
+        .await;
+    assert_eq!(mxid_of("gone@example.org").await, None);
+    assert_eq!(
+        mxid_of("moved@example.org").await.as_deref(),
+        Some("@new:example.org")
+    );
+    assert_eq!(bulk().await, expected_bulk);
+    assert!(
+        !node.log_text().contains("lookup index ready"),
+        "the warm-up ended before the test could see it: {}",
+        node.log_text()
+    );
+
+    // Ready: the same answers from memory, the warm-up's writes on top of the snapshot.
+    node.wait_for_log("lookup index ready", std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        mxid_of("kept@example.org").await.as_deref(),
+        Some("@kept:example.org")
+    );
+    assert_eq!(mxid_of("gone@example.org").await, None);
+    assert_eq!(
+        mxid_of("moved@example.org").await.as_deref(),
+        Some("@new:example.org")
+    );
+    assert_eq!(bulk().await, expected_bulk);
+}
