@@ -6,8 +6,9 @@
 //! committed wait in `pending` and are committed together in the next one (group commit); if
 //! one write of a batch fails, the batch is rolled back and retried write by write, so a
 //! failing write fails alone. The SQLite work runs on a blocking thread (`spawn_blocking`),
-//! never on the actor's arbiter; the connection travels there and back with the batch, so
-//! there is never more than one transaction at a time. On that thread, after the commit, the
+//! never on the actor's arbiter: the commit thread holds the connection while writes keep
+//! coming, taking each next batch itself, and hands it back when none are left, so there is
+//! never more than one transaction at a time. On that thread, after the commit, the
 //! batch is applied to the [`SharedIndex`], the pushers are woken (newest local id) and only
 //! then are the writers answered: a client always reads its own writes. The connection
 //! commits with `synchronous = FULL`, so an answered write is on disk; should the commit
@@ -221,10 +222,16 @@ enum Applied {
     Nothing,
 }
 
+/// Writes waiting for a commit. A mutex rather than a field of the actor alone: the commit
+/// thread takes the next batch itself as soon as it has answered the last one, without a
+/// round trip through the actor's thread and a new blocking task per batch. Held only to push
+/// or to take a batch, never across a commit.
+type Pending = Arc<std::sync::Mutex<Vec<Write>>>;
+
 pub struct AssociationStore {
-    /// `None` while a batch is being committed on the blocking thread.
+    /// `None` while the commit thread holds it.
     conn: Option<SqliteConnection>,
-    pending: Vec<Write>,
+    pending: Pending,
     ctx: Arc<StoreContext>,
     index: SharedIndex,
     /// The newest committed local id: the replication pushers wait on it.
@@ -248,7 +255,7 @@ impl AssociationStore {
     ) -> Self {
         Self {
             conn: Some(conn),
-            pending: Vec::new(),
+            pending: Pending::default(),
             ctx,
             index,
             local_id: Arc::new(local_id),
@@ -256,26 +263,34 @@ impl AssociationStore {
         }
     }
 
-    /// Starts a commit of the pending writes unless one is already running (then the pending
-    /// writes go in the next one, started when it finishes).
+    /// Starts the commit thread unless it is running already: it commits the pending writes,
+    /// batch after batch, until none are left, then hands the connection back.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.pending.is_empty() {
+        if lock(&self.pending).is_empty() {
             return;
         }
         let Some(mut conn) = self.conn.take() else {
-            return;
+            return; // the running commit thread will take them
         };
-        let take = self.pending.len().min(MAX_BATCH);
-        let batch: Vec<Write> = self.pending.drain(..take).collect();
+        let pending = Arc::clone(&self.pending);
         let store_ctx = Arc::clone(&self.ctx);
         let index = self.index.clone();
         let local_id = Arc::clone(&self.local_id);
         // Commit, update the index and answer the writers all on the blocking thread: the
         // answers do not wait for a hop back to this actor.
         let job = actix_web::rt::task::spawn_blocking(move || {
-            let outcome = commit_batch(&mut conn, &store_ctx, &batch);
-            finish_batch(&index, &store_ctx, &local_id, batch, outcome);
-            conn
+            loop {
+                let batch: Vec<Write> = {
+                    let mut pending = lock(&pending);
+                    let take = pending.len().min(MAX_BATCH);
+                    pending.drain(..take).collect()
+                };
+                if batch.is_empty() {
+                    return conn;
+                }
+                let outcome = commit_batch(&mut conn, &store_ctx, &batch);
+                finish_batch(&index, &store_ctx, &local_id, batch, outcome);
+            }
         });
         ctx.spawn(job.into_actor(self).map(|joined, act, ctx| {
             match joined {
@@ -412,10 +427,15 @@ impl AssociationStore {
         make: impl FnOnce(oneshot::Sender<T>) -> Write,
     ) -> oneshot::Receiver<T> {
         let (tx, rx) = oneshot::channel();
-        self.pending.push(make(tx));
+        lock(&self.pending).push(make(tx));
         self.flush(ctx);
         rx
     }
+}
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, Vec<Write>> {
+    // Poisoned only if a push or a drain panicked: the vector itself is whole.
+    pending.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl From<DbError> for StoreError {
