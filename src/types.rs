@@ -84,7 +84,7 @@ impl Threepid {
             {
                 Cow::Borrowed(address)
             }
-            Medium::Email => Cow::Owned(caseless::default_case_fold_str(address)),
+            Medium::Email => Cow::Owned(casefold(address)),
             Medium::Msisdn => Cow::Borrowed(address.strip_prefix('+').unwrap_or(address)),
         }
     }
@@ -109,7 +109,17 @@ fn normalise_email(address: &str) -> Result<String, InvalidValue> {
     {
         return Err(bad());
     }
-    Ok(caseless::default_case_fold_str(address))
+    Ok(casefold(address))
+}
+
+/// Unicode full case folding, as Python's `str.casefold`; for ASCII (nearly every address)
+/// that is plain lowercasing, without walking Unicode tables.
+fn casefold(text: &str) -> String {
+    if text.is_ascii() {
+        text.to_ascii_lowercase()
+    } else {
+        caseless::default_case_fold_str(text)
+    }
 }
 
 fn normalise_msisdn(address: &str) -> Result<String, InvalidValue> {
@@ -299,6 +309,9 @@ mod tests {
             "strasse@x.org"
         );
         assert_eq!(Threepid::lookup_key(Medium::Email, "ǅ@x.org"), "ǆ@x.org");
+        assert_eq!(Threepid::lookup_key(Medium::Email, "MiXed@X.org"), "mixed@x.org");
+        // Kelvin sign and long s are not ASCII: Unicode folding applies.
+        assert_eq!(Threepid::lookup_key(Medium::Email, "\u{212A}ſ@x.org"), "ks@x.org");
         assert_eq!(Threepid::lookup_key(Medium::Msisdn, "+4477"), "4477");
     }
 
