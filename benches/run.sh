@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Reproduces the README's benchmark figures for a standalone node (issue 2 targets):
-# v1 lookup, internal bind and bulk_lookup (1,000 3PIDs) with wrk, against a release build
-# holding 10,000 bindings, then bulk_lookup again at 100,000 bindings, and idle RSS.
+# Reproduces the README's benchmark figures for a standalone node (issues 2 and 12 targets):
+# v1 lookup, internal bind (16 and 64 connections) and bulk_lookup (1,000 3PIDs) with wrk,
+# against a release build holding 10,000 bindings, then bulk_lookup and v1 lookup again at
+# each of SIZES bindings (default 100,000 and 1,000,000), and idle RSS.
 #
 #   benches/run.sh            # needs wrk (apt-get install wrk)
+#   SIZES=100000 benches/run.sh   # skip the million
 #
 # Everything runs on loopback in a temp dir; the node is stopped at the end.
 set -euo pipefail
@@ -12,10 +14,11 @@ command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; 
 
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-16}          # lookups: latency matters
-BIND_CONNS=${BIND_CONNS:-64} # binds: throughput (more writers in flight = bigger group commits)
+BIND_CONNS=${BIND_CONNS:-"16 64"} # binds: 16 as the lookups, 64 for throughput (bigger group commits)
+SIZES=${SIZES:-"100000 1000000"}
 WORKERS=${WORKERS:-1}
 cargo build --release --quiet
-BIN=target/release/sydent-rs
+BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
 DIR=$(mktemp -d)
 trap 'kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
@@ -96,10 +99,14 @@ echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(npro
 printf "%-34s %10s MB\n" "idle RSS with 10,000 bindings" "$((RSS_KB / 1024))"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup (10k rows, 50% hits)"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs (10k rows)"
-wrk -t2 -c"$BIND_CONNS" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- b | report "internal bind ($BIND_CONNS connections)"
-ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db")
-if [ "$ROWS" -lt 100000 ]; then echo "seeding to 100,000 bindings..."; seed "$ROWS" 100000; fi
-ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db")
-echo "rows now: $ROWS"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs ($ROWS rows)"
-wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup ($ROWS rows)"
+for c in $BIND_CONNS; do
+  wrk -t2 -c"$c" -d"$DURATION" --latency -s "$DIR/bind.lua" "http://127.0.0.1:$IPORT" -- "b$c" | report "internal bind ($c connections)"
+done
+rows() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from global_threepid_associations').fetchone()[0])" "$DIR/sydent.db"; }
+for SIZE in $SIZES; do
+  ROWS=$(rows)
+  if [ "$ROWS" -lt "$SIZE" ]; then echo "seeding to $SIZE bindings..."; seed "$ROWS" "$SIZE"; fi
+  ROWS=$(rows)
+  wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/bulk.lua" "http://127.0.0.1:$CPORT/_matrix/identity/api/v1/bulk_lookup" | report "bulk_lookup 1,000 3PIDs ($ROWS rows)"
+  wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$CPORT" | report "v1 lookup ($ROWS rows)"
+done
