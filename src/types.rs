@@ -309,9 +309,15 @@ mod tests {
             "strasse@x.org"
         );
         assert_eq!(Threepid::lookup_key(Medium::Email, "ǅ@x.org"), "ǆ@x.org");
-        assert_eq!(Threepid::lookup_key(Medium::Email, "MiXed@X.org"), "mixed@x.org");
+        assert_eq!(
+            Threepid::lookup_key(Medium::Email, "MiXed@X.org"),
+            "mixed@x.org"
+        );
         // Kelvin sign and long s are not ASCII: Unicode folding applies.
-        assert_eq!(Threepid::lookup_key(Medium::Email, "\u{212A}ſ@x.org"), "ks@x.org");
+        assert_eq!(
+            Threepid::lookup_key(Medium::Email, "\u{212A}ſ@x.org"),
+            "ks@x.org"
+        );
         assert_eq!(Threepid::lookup_key(Medium::Msisdn, "+4477"), "4477");
     }
 

@@ -278,19 +278,17 @@ impl AssociationStore {
         let local_id = Arc::clone(&self.local_id);
         // Commit, update the index and answer the writers all on the blocking thread: the
         // answers do not wait for a hop back to this actor.
-        let job = actix_web::rt::task::spawn_blocking(move || {
-            loop {
-                let batch: Vec<Write> = {
-                    let mut pending = lock(&pending);
-                    let take = pending.len().min(MAX_BATCH);
-                    pending.drain(..take).collect()
-                };
-                if batch.is_empty() {
-                    return conn;
-                }
-                let outcome = commit_batch(&mut conn, &store_ctx, &batch);
-                finish_batch(&index, &store_ctx, &local_id, batch, outcome);
+        let job = actix_web::rt::task::spawn_blocking(move || loop {
+            let batch: Vec<Write> = {
+                let mut pending = lock(&pending);
+                let take = pending.len().min(MAX_BATCH);
+                pending.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                return conn;
             }
+            let outcome = commit_batch(&mut conn, &store_ctx, &batch);
+            finish_batch(&index, &store_ctx, &local_id, batch, outcome);
         });
         ctx.spawn(job.into_actor(self).map(|joined, act, ctx| {
             match joined {
