@@ -189,7 +189,7 @@ async fn a_peer_whose_ids_start_again_is_refused_loudly_until_forgotten() {
     );
     assert_eq!(rig.lookup("c@example.com").await, None);
     rig.node
-        .wait_for_log("ids started again", Duration::from_secs(10))
+        .wait_for_log("ids started again", Duration::from_secs(30))
         .await;
     let status = rig.status().await;
     let refused = &status["peers"][PEER]["last_refused"];
