@@ -6,6 +6,7 @@
 #   benches/replicated.sh         # needs wrk and openssl
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-16}
@@ -14,7 +15,6 @@ BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
 DIR=$(mktemp -d)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; wait $p 2>/dev/null || true; done; rm -rf "$DIR"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -keyout "$DIR/ca.key" -out "$DIR/ca.pem" -subj "/CN=bench mesh CA" 2>/dev/null
@@ -55,18 +55,7 @@ for p in $C_a $C_b; do
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/_matrix/identity/versions" >/dev/null && break; sleep 0.1; done
 done
 
-python3 - "$I_a" <<'PY'
-import http.client, json, sys, concurrent.futures
-port = int(sys.argv[1])
-def work(chunk):
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    for i in chunk:
-        c.request("POST", "/_matrix/identity/internal/bind",
-                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
-                  {"Content-Type": "application/json"})
-        r = c.getresponse(); r.read(); assert r.status == 200, r.status
-with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, [range(s, 10000, 64) for s in range(64)]))
-PY
+seed_on "$I_a" 0 10000
 # Wait until B holds all of A's bindings.
 until curl -sf "http://127.0.0.1:$I_b/_matrix/identity/internal/replication" | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["peers"]["a.bench"]["received"] >= 10000 else 1)'; do sleep 0.2; done
 curl -sf "http://127.0.0.1:$C_b/_matrix/identity/api/v1/lookup?medium=email&address=seed-1%40example.org" | grep -q '"b.bench"' \
@@ -79,7 +68,6 @@ request = function()
   return wrk.format("GET", "/_matrix/identity/api/v1/lookup?medium=email&address=seed-" .. i .. "%40example.org")
 end
 LUA
-report() { awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-44s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'; }
 echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $CONNS connections, $DURATION each"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$C_a" | report "v1 lookup on A (bound on A), 50% hits"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$C_b" | report "v1 lookup on B (replicated from A), 50% hits"

@@ -10,6 +10,7 @@
 # Everything runs on loopback in a temp dir; the node is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 COUNTS=${COUNTS:-"100000 1000000"}
 cargo build --release --quiet
 BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
@@ -17,7 +18,6 @@ DIR=$(mktemp -d)
 NODE=
 trap 'if [ -n "$NODE" ]; then kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; fi; rm -rf "$DIR"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CPORT=$(free_port); IPORT=$(free_port)
 cat > "$DIR/sydent.conf" <<CONF
 [general]
@@ -52,21 +52,7 @@ ready() {
 }
 rss_kb() { sleep 1; awk '/VmRSS/ {print $2}' /proc/$NODE/status; }
 
-seed() { # seed FROM TO: binds seed-FROM..seed-(TO-1), 64 in flight
-  python3 - "$IPORT" "$1" "$2" <<'PY'
-import http.client, json, sys, concurrent.futures
-port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def work(chunk):
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    for i in chunk:
-        c.request("POST", "/_matrix/identity/internal/bind",
-                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
-                  {"Content-Type": "application/json"})
-        r = c.getresponse(); r.read(); assert r.status == 200, r.status
-chunks = [range(s, hi, 64) for s in range(lo, lo + 64)]
-with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
-PY
-}
+seed() { seed_on "$IPORT" "$1" "$2"; }
 
 start ""
 ready

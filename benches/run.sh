@@ -10,6 +10,7 @@
 # Everything runs on loopback in a temp dir; the node is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
 
 DURATION=${DURATION:-10s}
@@ -22,7 +23,6 @@ BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
 DIR=$(mktemp -d)
 trap 'kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 CPORT=$(free_port); IPORT=$(free_port)
 cat > "$DIR/sydent.conf" <<CONF
 [general]
@@ -70,25 +70,8 @@ body = json.dumps({"threepids": pairs})
 open(sys.argv[1], "w").write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [==[%s]==]\n' % body)
 PY
 
-seed() { # seed FROM TO: binds seed-FROM..seed-(TO-1) through the internal API, 64 in flight
-  python3 - "$IPORT" "$1" "$2" <<'PY'
-import http.client, json, sys, concurrent.futures
-port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def work(chunk):
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    for i in chunk:
-        c.request("POST", "/_matrix/identity/internal/bind",
-                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
-                  {"Content-Type": "application/json"})
-        r = c.getresponse(); r.read(); assert r.status == 200, r.status
-chunks = [range(s, hi, 64) for s in range(lo, lo + 64)]
-with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
-PY
-}
+seed() { seed_on "$IPORT" "$1" "$2"; }
 
-report() { # report NAME: prints requests/s and latency percentiles from wrk's output
-  awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-34s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'
-}
 
 echo "seeding 10,000 bindings..."
 seed 0 10000

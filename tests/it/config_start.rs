@@ -400,19 +400,7 @@ async fn a_restarted_node_serves_while_its_index_warms_up() {
         .arg(&config)
         .env("SYDENT_RS_TEST_WARM_UP_DELAY_MS", "10000");
     let node = TestNode::start_cmd(dir.path(), &config, &mut cmd).unwrap();
-    let mxid_of = |address: &'static str| {
-        let node = &node;
-        async move {
-            let (status, body) = node
-                .get(&format!(
-                    "/_matrix/identity/api/v1/lookup?medium=email&address={}",
-                    address.replace('@', "%40")
-                ))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            body["mxid"].as_str().map(str::to_string)
-        }
-    };
+    let mxid_of = |address: &'static str| node.lookup_mxid(address);
     let bulk = || {
         let node = &node;
         async move {

@@ -38,6 +38,19 @@ CREATE UNIQUE INDEX accepted_terms_urls_idx ON accepted_terms_urls (user_id, url
 PRAGMA user_version = 5;
 "#;
 
+/// `<dir>/sydent.db` with Sydent's schema and the pepper `matrixrocks` (the spec's test pepper),
+/// and a connection to it for the test's own rows.
+fn sydent_v5_db(dir: &std::path::Path) -> (std::path::PathBuf, SqliteConnection) {
+    let db = dir.join("sydent.db");
+    let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+    conn.batch_execute(SYDENT_V5_SCHEMA).unwrap();
+    conn.batch_execute(
+        "INSERT INTO hashing_metadata (id, lookup_pepper) VALUES (0, 'matrixrocks');",
+    )
+    .unwrap();
+    (db, conn)
+}
+
 fn insert_global(conn: &mut SqliteConnection, signed: &Value, origin: &str, origin_id: i64) {
     diesel::sql_query(
         "INSERT INTO global_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, originServer, originId, sgAssoc, lookup_hash) \
@@ -61,13 +74,11 @@ fn insert_global(conn: &mut SqliteConnection, signed: &Value, origin: &str, orig
 async fn sydent_database_is_served_in_place() {
     let v = vectors();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("sydent.db");
+    let (db, conn) = sydent_v5_db(dir.path());
     {
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
-        conn.batch_execute(SYDENT_V5_SCHEMA).unwrap();
+        let mut conn = conn; // closed at the end of the block, before the node opens the file
         conn.batch_execute(
-            "INSERT INTO hashing_metadata (id, lookup_pepper) VALUES (0, 'matrixrocks');
-             INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
+            "INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
                VALUES ('email', 'alice@example.com', '@alice:example.com', 1700000000000, 1700000000000, 4853600000000, 'h');
              INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore, notAfter, lookup_hash)
                VALUES ('email', 'gone@example.com', NULL, 1700000000500, NULL, NULL, NULL);
@@ -238,13 +249,11 @@ async fn emails_stored_before_casefolding_are_casefolded_on_adoption() {
         Value::Object(assoc.signed(origin, key).unwrap())
     };
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("sydent.db");
+    let (db, conn) = sydent_v5_db(dir.path());
     {
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
-        conn.batch_execute(SYDENT_V5_SCHEMA).unwrap();
+        let mut conn = conn; // closed at the end of the block, before the node opens the file
         conn.batch_execute(
-            "INSERT INTO hashing_metadata (id, lookup_pepper) VALUES (0, 'matrixrocks');
-             INSERT INTO local_threepid_associations (id, medium, address, mxid, ts, notBefore, notAfter, lookup_hash) VALUES
+            "INSERT INTO local_threepid_associations (id, medium, address, mxid, ts, notBefore, notAfter, lookup_hash) VALUES
                (1, 'email', 'Alice@Example.org', '@alice:node1.test', 1700000000000, 1700000000000, 4853600000000, 'h'),
                (2, 'email', 'BOB@example.org', '@bob-old:node1.test', 1700000000000, 1700000000000, 4853600000000, 'h'),
                (3, 'email', 'bob@example.org', '@bob-new:node1.test', 1700000001000, 1700000001000, 4853600001000, 'h');",

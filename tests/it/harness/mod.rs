@@ -263,6 +263,18 @@ impl TestNode {
         (status, resp.json().await.expect("JSON body"))
     }
 
+    /// The mxid a v1 lookup answers for the email `address` (None: no binding).
+    pub async fn lookup_mxid(&self, address: &str) -> Option<String> {
+        let (status, body) = self
+            .get(&format!(
+                "/_matrix/identity/api/v1/lookup?medium=email&address={}",
+                address.replace('@', "%40")
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["mxid"].as_str().map(str::to_string)
+    }
+
     /// POST JSON to the client API; returns (status, body).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = client()

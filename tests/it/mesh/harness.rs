@@ -265,7 +265,7 @@ impl Mesh {
 
     /// The mxid node `i` answers for `address` (None: no binding).
     pub async fn lookup(&self, i: usize, address: &str) -> Option<String> {
-        lookup_mxid(self.nodes[i].node(), address).await
+        self.nodes[i].node().lookup_mxid(address).await
     }
 
     /// Waits until every node in `on` answers `expected` for `address`.
@@ -287,18 +287,6 @@ impl Mesh {
             }
         }
     }
-}
-
-/// The mxid `node` answers on v1 lookup for the email `address` (None: no binding).
-pub async fn lookup_mxid(node: &TestNode, address: &str) -> Option<String> {
-    let (status, body) = node
-        .get(&format!(
-            "/_matrix/identity/api/v1/lookup?medium=email&address={}",
-            address.replace('@', "%40")
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body["mxid"].as_str().map(str::to_string)
 }
 
 /// Keeps a stopped node's port from other tests' nodes until it restarts there: a listener that

@@ -10,7 +10,7 @@ use sydent_rs::association::ThreepidAssociation;
 use sydent_rs::crypto::NodeSigningKey;
 use sydent_rs::mesh::peers::peer_file_text;
 
-use super::harness::{lookup_mxid, mesh_config, port_of, TestCa};
+use super::harness::{mesh_config, port_of, TestCa};
 use super::{origin_rows, peer_client, signed};
 use crate::harness::{run_to_exit, TestNode};
 
@@ -94,7 +94,7 @@ impl Rig {
 
     /// The mxid a v1 lookup answers for `address`.
     async fn lookup(&self, address: &str) -> Option<String> {
-        lookup_mxid(&self.node, address).await
+        self.node.lookup_mxid(address).await
     }
 
     async fn status(&self) -> Value {

@@ -1,0 +1,27 @@
+# Shared by the benchmark scripts (sourced): a free loopback port, seeding bindings through the
+# internal API, and one line of wrk's figures.
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# seed PORT FROM TO: binds seed-FROM..seed-(TO-1)@example.org to @sN:example.org through the
+# internal API on PORT, 64 requests in flight.
+seed_on() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import http.client, json, sys, concurrent.futures
+port, lo, hi = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def work(chunk):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    for i in chunk:
+        c.request("POST", "/_matrix/identity/internal/bind",
+                  json.dumps({"medium": "email", "address": f"seed-{i}@example.org", "mxid": f"@s{i}:example.org"}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse(); r.read(); assert r.status == 200, r.status
+chunks = [range(s, hi, 64) for s in range(lo, lo + 64)]
+with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
+PY
+}
+
+# report NAME: requests/s and latency percentiles from wrk's output.
+report() {
+  awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-44s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'
+}
