@@ -26,7 +26,7 @@ use crate::mesh::wire::PushBody;
 use crate::types::ServerName;
 
 /// Associations per push. ~350 bytes each: a batch stays well under a megabyte.
-pub const BATCH_SIZE: i64 = 1000;
+pub const BATCH_SIZE: usize = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A push with nothing in it: the hello a pusher sends when it starts caught up.
