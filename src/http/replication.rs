@@ -4,9 +4,9 @@
 //! The receiver identifies the pushing peer by its verified client certificate *before*
 //! reading the body (a stranger is refused without costing the node memory), reads at most
 //! [`MAX_PUSH_BYTES`], checks every signature in the batch with that peer's key and every
-//! value as the internal API would (on a blocking thread: it is CPU work), refuses rows from
-//! too far in the future, and hands the whole batch to the association store, which applies
-//! it all or nothing.
+//! value as the internal API would (on a blocking thread when the push is large: it is CPU
+//! work), refuses rows from too far in the future, and hands the whole batch to the
+//! association store, which applies it all or nothing.
 
 use std::any::Any;
 use std::sync::atomic::Ordering;
@@ -30,6 +30,11 @@ use crate::types::{Mxid, ServerName, Threepid};
 /// addresses and Matrix IDs); Sydent's are 100 associations. Nothing a peer really sends
 /// comes near it, and a push is only read once its sender is known to be a peer.
 pub const MAX_PUSH_BYTES: usize = 2 * 1024 * 1024;
+
+/// A push body up to this size (a few associations, ~400 bytes each) is verified on the
+/// listener's own thread: well under a millisecond of work, less than handing it to a blocking
+/// thread and back costs. Larger ones (a peer catching up) go to a blocking thread.
+const INLINE_VERIFY_BYTES: usize = 4096;
 
 /// Connections the replication listener holds at once: each peer needs one or two (its push
 /// queue and its hello); the rest wait in the accept backlog.
@@ -150,10 +155,14 @@ async fn receive(
         own_name: state.own_name.clone(),
         signing_key: state.signing_key.clone(),
     };
-    let items = web::block(move || verify_batch(&checked_peer, &body, &rules))
-        .await
-        .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))?
-        .inspect_err(|e| log::warn!("replication: refused a push from {origin}: {e}"))?;
+    let items = if body.len() <= INLINE_VERIFY_BYTES {
+        verify_batch(&checked_peer, &body, &rules)
+    } else {
+        web::block(move || verify_batch(&checked_peer, &body, &rules))
+            .await
+            .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))?
+    }
+    .inspect_err(|e| log::warn!("replication: refused a push from {origin}: {e}"))?;
     let count = items.len();
     if count > 0 {
         let new = state
