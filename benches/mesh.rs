@@ -281,29 +281,29 @@ impl Watcher {
             .map(|m| m.db().to_str().unwrap().to_string())
             .collect();
         let pids: Vec<u32> = mesh.nodes.iter().map(|m| m.node().pid()).collect();
+        // Connected, and past the rows already there, before the first bind is made.
+        let mut conns: Vec<SqliteConnection> = dbs
+            .iter()
+            .map(|db| {
+                let mut c = SqliteConnection::establish(db).unwrap();
+                diesel::sql_query("PRAGMA busy_timeout = 10000")
+                    .execute(&mut c)
+                    .unwrap();
+                c
+            })
+            .collect();
+        let mut after: Vec<i64> = conns
+            .iter_mut()
+            .map(|c| {
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "COALESCE((SELECT MAX(id) FROM global_threepid_associations), 0)",
+                ))
+                .get_result(c)
+                .unwrap()
+            })
+            .collect();
         Self(std::thread::spawn(move || {
-            let mut conns: Vec<SqliteConnection> = dbs
-                .iter()
-                .map(|db| {
-                    let mut c = SqliteConnection::establish(db).unwrap();
-                    diesel::sql_query("PRAGMA busy_timeout = 10000")
-                        .execute(&mut c)
-                        .unwrap();
-                    c
-                })
-                .collect();
             let n = conns.len();
-            // Start after the rows already there.
-            let mut after: Vec<i64> = conns
-                .iter_mut()
-                .map(|c| {
-                    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-                        "COALESCE((SELECT MAX(id) FROM global_threepid_associations), 0)",
-                    ))
-                    .get_result(c)
-                    .unwrap()
-                })
-                .collect();
             // Per address: the nodes that have it (its origin from the start).
             let mut have: HashMap<&str, Vec<bool>> = origin_of
                 .iter()
@@ -323,6 +323,9 @@ impl Watcher {
                     let now = Instant::now();
                     for row in rows {
                         after[i] = row.id;
+                        if origin_of.get(&row.address) == Some(&i) {
+                            continue; // the origin's own row
+                        }
                         let Some(nodes) = have.get_mut(row.address.as_str()) else {
                             continue;
                         };
@@ -366,14 +369,30 @@ impl Watcher {
         match result {
             Ok(arrivals) => arrivals,
             Err(missing) => {
-                for (address, i) in &missing {
+                for (address, i) in missing.iter().take(10) {
                     let origin = origin_of[address];
                     let status = mesh.status(origin).await;
+                    let (name, origin_name) = (&mesh.nodes[*i].name, &mesh.nodes[origin].name);
+                    let mut conn =
+                        SqliteConnection::establish(mesh.nodes[*i].db().to_str().unwrap()).unwrap();
+                    let there: Vec<Arrived> = diesel::sql_query(
+                        "SELECT id, address FROM global_threepid_associations WHERE address = ?",
+                    )
+                    .bind::<diesel::sql_types::Text, _>(address)
+                    .load(&mut conn)
+                    .unwrap();
+                    let mark: Vec<Arrived> = diesel::sql_query(
+                        "SELECT max_origin_id AS id, origin_server AS address FROM replication_origin_marks WHERE origin_server = ?",
+                    )
+                    .bind::<diesel::sql_types::Text, _>(origin_name)
+                    .load(&mut conn)
+                    .unwrap();
                     eprintln!(
-                        "{address} (from {}) never reached {}: {}",
-                        mesh.nodes[origin].name,
-                        mesh.nodes[*i].name,
-                        status["peers"][&mesh.nodes[*i].name]
+                        "{address} (from {origin_name}) never reached {name}: rows there {:?}, mark {:?}, lookup {:?}; {origin_name}'s queue to it: {}",
+                        there.iter().map(|r| r.id).collect::<Vec<_>>(),
+                        mark.iter().map(|r| r.id).collect::<Vec<_>>(),
+                        mesh.lookup(*i, address).await,
+                        status["peers"][name]
                     );
                 }
                 panic!("{} rows never arrived", missing.len());
