@@ -6,9 +6,12 @@
 //! - [`peers::PeerRegistry`]: the active replication peers (peers.d, Sydent's peers table),
 //!   one [`pusher::Pusher`] per peer.
 //! - [`pusher::Pusher`]: a peer's push queue and cursor.
+//! - [`outbox::Outbox`]: the newest local rows, read and signed once for every push queue, and
+//!   the acknowledged cursors, saved together.
 //! - [`checkpoint::Checkpointer`]: WAL checkpoints off the store's commit path.
 
 pub mod checkpoint;
+pub mod outbox;
 pub mod peers;
 pub mod pusher;
 pub mod store;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{watch, Notify};
 
+use super::outbox::{Outbox, SaveCursors};
 use super::pusher::{PushStatus, Pusher, SharedStatus, StopPusher};
 use crate::config::PeerSection;
 use crate::crypto::NodeSigningKey;
@@ -140,6 +141,8 @@ pub struct PeerRegistry {
     pub active: ActivePeers,
     /// The first scan, made by `Node::start` before serving.
     pub initial: Option<BTreeMap<String, Peer>>,
+    /// The rows and cursors every pusher shares, started with the first of them.
+    outbox: Option<Addr<Outbox>>,
     pushers: BTreeMap<String, (ActivePeer, Addr<Pusher>)>,
     reported: Vec<String>,
     scanning: bool,
@@ -161,6 +164,7 @@ impl PeerRegistry {
             local_id,
             active,
             initial: Some(initial.0),
+            outbox: None,
             pushers: BTreeMap::new(),
             reported: Vec::new(),
             scanning: false,
@@ -180,6 +184,18 @@ impl PeerRegistry {
     }
 
     fn apply(&mut self, peers: BTreeMap<String, Peer>) {
+        let outbox = self
+            .outbox
+            .get_or_insert_with(|| {
+                Outbox::new(
+                    self.sources.own_name.clone(),
+                    self.signing_key.clone(),
+                    self.sources.db_file.clone(),
+                    self.local_id.clone(),
+                )
+                .start()
+            })
+            .clone();
         let gone: Vec<String> = self
             .pushers
             .iter()
@@ -213,6 +229,7 @@ impl PeerRegistry {
                 signing_key: self.signing_key.clone(),
                 client: self.client.clone(),
                 local_id: self.local_id.clone(),
+                outbox: outbox.clone(),
                 status: Arc::clone(&active.status),
                 wake: Arc::clone(&active.wake),
             }
@@ -252,7 +269,7 @@ impl PeerRegistry {
 #[rtype(result = "()")]
 pub struct Rescan;
 
-/// Stop every pusher (node shutdown).
+/// Stop every pusher (node shutdown); answered once their acknowledged cursors are saved.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StopAll;
@@ -278,12 +295,18 @@ impl Handler<Rescan> for PeerRegistry {
 }
 
 impl Handler<StopAll> for PeerRegistry {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: StopAll, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: StopAll, ctx: &mut Context<Self>) -> Self::Result {
         for (_, (_, addr)) in std::mem::take(&mut self.pushers) {
             addr.do_send(StopPusher);
         }
         ctx.stop();
+        let outbox = self.outbox.take();
+        Box::pin(async move {
+            if let Some(outbox) = outbox {
+                let _ = outbox.send(SaveCursors).await;
+            }
+        })
     }
 }

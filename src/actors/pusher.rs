@@ -1,12 +1,21 @@
 //! One replication push queue per peer.
 //!
-//! A `Pusher` owns its peer's cursor (`peers.lastSentVersion`) and a read connection. It reads
-//! the local rows after the cursor, signs them and POSTs them to the peer in Sydent's format,
-//! batch after batch until caught up; then it waits for the association store to announce a
-//! newer local id (no timer: a bind is on its way within milliseconds). A failed push is
-//! retried with capped exponential backoff and jitter, and the batch is never skipped. Pushers
-//! share nothing but the HTTP client's connection pool, so one slow or dead peer delays no
-//! other peer and no client request.
+//! A `Pusher` owns its peer's cursor (the last local id the peer acknowledged). Woken by the
+//! association store announcing a newer local id (no timer: a lone bind is on its way within
+//! milliseconds), it takes the rows after its cursor from the node's
+//! [`Outbox`](super::outbox::Outbox), which reads and signs them once for every queue, and
+//! POSTs them to the peer in Sydent's format. One push is in flight at a time: the rows
+//! committed while it is in flight go together in the next one, so under load pushes get
+//! larger (up to [`BATCH_SIZE`] rows) rather than more numerous. A queue that is further behind
+//! than the outbox holds (its peer was down) reads its batches from the database on its own
+//! connection, reading and signing the next while the peer handles the current one.
+//!
+//! The cursor only moves when the peer accepts a push, and the rows after it are always sent
+//! in id order (the peer skips what is at or below its mark for this node). A failed push is
+//! retried with capped exponential backoff and jitter, and the batch is never skipped.
+//! Acknowledged cursors are saved by the outbox, off the push path. Pushers share nothing but
+//! the outbox and the HTTP client's connection pool, so one slow or dead peer delays no other
+//! peer and no client request.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,17 +24,16 @@ use actix::prelude::*;
 use diesel::SqliteConnection;
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
-use crate::association::ThreepidAssociation;
+use super::outbox::{read_signed, Acked, AckedCursor, Outbox, OutgoingRow, Take, Taken};
 use crate::crypto::NodeSigningKey;
 use crate::db::queries;
 use crate::mesh::peers::Peer;
 use crate::mesh::wire::PushBody;
 use crate::types::ServerName;
 
-/// Associations per push. ~350 bytes each: a batch stays well under a megabyte.
+/// Associations per push, at most. ~350 bytes each: a push stays well under a megabyte.
 pub const BATCH_SIZE: usize = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -41,6 +49,9 @@ pub struct PushStatus {
     pub backlog: i64,
     /// Associations this pusher delivered since start.
     pub pushed: u64,
+    /// Pushes that delivered them (`pushed / pushes`: associations per push, which grows
+    /// with the load as pushes coalesce).
+    pub pushes: u64,
     pub last_success_ts: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_ts: Option<i64>,
@@ -65,6 +76,7 @@ pub struct Pusher {
     pub signing_key: NodeSigningKey,
     pub client: reqwest::Client,
     pub local_id: watch::Receiver<i64>,
+    pub outbox: Addr<Outbox>,
     pub status: SharedStatus,
     pub wake: Arc<Notify>,
 }
@@ -93,6 +105,7 @@ impl Actor for Pusher {
             signing_key: self.signing_key.clone(),
             client: self.client.clone(),
             local_id: self.local_id.clone(),
+            outbox: self.outbox.clone(),
             status: Arc::clone(&self.status),
             wake: Arc::clone(&self.wake),
             conn: None,
@@ -118,18 +131,43 @@ struct PushLoop {
     signing_key: NodeSigningKey,
     client: reqwest::Client,
     local_id: watch::Receiver<i64>,
+    outbox: Addr<Outbox>,
     status: SharedStatus,
     wake: Arc<Notify>,
     /// Travels to the blocking thread and back, like the store's.
     conn: Option<SqliteConnection>,
 }
 
-/// A batch read and signed: the push body and the id it acknowledges.
+/// A push ready to send: its body and the id it acknowledges.
 struct Batch {
     body: Vec<u8>,
     count: usize,
     last_id: i64,
     backlog: i64,
+    /// Read from the database and full: the queue is catching up, more follow at once.
+    catching_up: bool,
+}
+
+impl Batch {
+    /// `None` for no rows.
+    fn new(rows: &[Arc<OutgoingRow>], backlog: usize) -> Result<Option<Self>, String> {
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        let body = PushBody {
+            sg_assocs: rows
+                .iter()
+                .map(|row| (row.id.to_string(), &*row.signed))
+                .collect(),
+        };
+        Ok(Some(Self {
+            body: serde_json::to_vec(&body).map_err(|e| e.to_string())?,
+            count: rows.len(),
+            last_id: last.id,
+            backlog: i64::try_from(backlog).unwrap_or(i64::MAX),
+            catching_up: false,
+        }))
+    }
 }
 
 impl PushLoop {
@@ -161,7 +199,7 @@ impl PushLoop {
 
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
-        let mut cursor = loop {
+        let saved = loop {
             let name = self.peer_name.clone();
             match self
                 .with_db(move |c| queries::peer_cursor(c, &name).map_err(|e| e.to_string()))
@@ -174,29 +212,37 @@ impl PushLoop {
                 }
             }
         };
+        // A queue replaced (its peer's URL changed) goes on from what its predecessor had
+        // acknowledged, which the outbox may not have saved yet.
+        let acked = self
+            .outbox
+            .send(AckedCursor(self.peer_name.clone()))
+            .await
+            .ok()
+            .flatten();
+        let mut cursor = acked.unwrap_or(saved);
         self.update(|s| s.cursor = cursor);
         let mut greeted = false;
         // Since the last failure, nothing has reached the peer.
         let mut failing = false;
-        // The batch after the one in flight, read and signed while the peer handles that one.
+        // While catching up from the database: the next batch, read and signed while the peer
+        // handles the current one.
         let mut prefetched: Option<Batch> = None;
         loop {
             let batch = match prefetched.take() {
                 Some(batch) => Some(batch),
-                None => {
-                    // Mark the current local id as seen before reading: a bind committed after
-                    // this point wakes the wait below even if this read already includes it.
-                    // (Only a read made after the mark may decide that we are caught up.)
-                    self.local_id.borrow_and_update();
-                    match self.read(cursor).await {
-                        Ok(batch) => batch,
-                        Err(e) => {
-                            self.failed(format!("reading local associations: {e}"));
-                            backoff = self.pause(backoff).await;
-                            continue;
-                        }
+                // Mark the newest local id as seen before taking rows: a bind committed after
+                // this point wakes the wait below even if this take already includes it.
+                // (Only a take made after the mark may decide that we are caught up.)
+                None if *self.local_id.borrow_and_update() <= cursor => None,
+                None => match self.take(cursor).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        self.failed(format!("reading local associations: {e}"));
+                        backoff = self.pause(backoff).await;
+                        continue;
                     }
-                }
+                },
             };
             let Some(batch) = batch else {
                 self.update(|s| {
@@ -222,8 +268,12 @@ impl PushLoop {
                 s.state = "pushing";
             });
             let (client, url) = (self.client.clone(), self.url.clone());
-            let (posted, next) =
-                tokio::join!(post(&client, &url, batch.body), self.read(batch.last_id));
+            let (posted, next) = if batch.catching_up {
+                tokio::join!(post(&client, &url, batch.body), self.read(batch.last_id))
+            } else {
+                // What is committed while this push is in flight goes in the next one.
+                (post(&client, &url, batch.body).await, Ok(None))
+            };
             match posted {
                 Ok(()) => {
                     prefetched = next.ok().flatten();
@@ -235,25 +285,17 @@ impl PushLoop {
                         );
                     }
                     cursor = batch.last_id;
-                    let (name, now) = (self.peer_name.clone(), crate::now_ms());
-                    if let Err(e) = self
-                        .with_db(move |c| {
-                            queries::set_peer_cursor(c, &name, cursor, now)
-                                .map_err(|e| e.to_string())
-                        })
-                        .await
-                    {
-                        // The peer has the batch; if the cursor is lost it is re-sent after a
-                        // restart, which the peer ignores (idempotent on origin and id).
-                        log::warn!(
-                            "replication: {}: cannot save the cursor: {e}",
-                            self.peer_name
-                        );
-                    }
+                    let now = crate::now_ms();
+                    self.outbox.do_send(Acked {
+                        peer: self.peer_name.clone(),
+                        cursor,
+                        at_ms: now,
+                    });
                     self.update(|s| {
                         s.cursor = cursor;
                         s.backlog -= batch.count as i64;
                         s.pushed += batch.count as u64;
+                        s.pushes += 1;
                         s.last_success_ts = Some(now);
                         s.last_error = None;
                     });
@@ -295,37 +337,36 @@ impl PushLoop {
         next
     }
 
-    /// The next batch after `cursor`, signed, or `None` when caught up.
+    /// The next batch after `cursor`, from the outbox or, when the cursor is before what the
+    /// outbox holds, from the database; `None` when caught up.
+    async fn take(&mut self, cursor: i64) -> Result<Option<Batch>, String> {
+        match self.outbox.send(Take { after: cursor }).await {
+            Ok(Ok(Taken::Rows { rows, backlog })) => Batch::new(&rows, backlog),
+            Ok(Ok(Taken::Behind)) => self.read(cursor).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the outbox has stopped".into()),
+        }
+    }
+
+    /// The next batch after `cursor` read from the database and signed, or `None` when caught
+    /// up.
     async fn read(&mut self, cursor: i64) -> Result<Option<Batch>, String> {
         let own_name = self.own_name.clone();
         let key = self.signing_key.clone();
         self.with_db(move |c| {
-            let rows = queries::local_after(c, cursor, BATCH_SIZE).map_err(|e| e.to_string())?;
-            let Some(last) = rows.last() else {
-                return Ok(None);
+            let rows = read_signed(c, cursor, BATCH_SIZE, &own_name, &key)?;
+            let full = rows.len() == BATCH_SIZE;
+            // Counted only when there is more than a batch: else the batch is the backlog.
+            let backlog = if full {
+                let count = queries::count_local_after(c, cursor).map_err(|e| e.to_string())?;
+                usize::try_from(count).unwrap_or(usize::MAX)
+            } else {
+                rows.len()
             };
-            let last_id = last.id;
-            let backlog = queries::count_local_after(c, cursor).map_err(|e| e.to_string())?;
-            let mut body = PushBody::default();
-            for row in &rows {
-                let assoc = ThreepidAssociation {
-                    medium: row.medium.clone(),
-                    address: row.address.clone(),
-                    mxid: row.mxid.clone(),
-                    ts: row.ts.unwrap_or(0),
-                    not_before: row.not_before,
-                    not_after: row.not_after,
-                };
-                let signed = assoc.signed(&own_name, &key).map_err(|e| e.to_string())?;
-                body.sg_assocs
-                    .insert(row.id.to_string(), Value::Object(signed));
-            }
-            let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-            Ok(Some(Batch {
-                body,
-                count: rows.len(),
-                last_id,
-                backlog,
+            let batch = Batch::new(&rows, backlog)?;
+            Ok(batch.map(|batch| Batch {
+                catching_up: full,
+                ..batch
             }))
         })
         .await

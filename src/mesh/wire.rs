@@ -12,11 +12,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The body of a push.
+/// The body of a push. The receiver reads the associations as JSON values (`PushBody`, to
+/// verify them); the pusher writes the signed JSON text it already holds, unparsed
+/// (`PushBody<&RawValue>`).
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct PushBody {
+pub struct PushBody<A = Value> {
     #[serde(rename = "sgAssocs")]
-    pub sg_assocs: BTreeMap<String, Value>,
+    pub sg_assocs: BTreeMap<String, A>,
 }
 
 /// The answer to an applied push.

@@ -159,10 +159,11 @@ async fn a_peer_that_was_down_catches_up_without_loss_or_duplicates() {
     let status = mesh.nodes[B].node.as_mut().unwrap().stop();
     assert!(status.success());
 
-    // 1,000 binds on A while B is down.
-    bind_many(&mesh, A, "u", 1000).await;
+    // 2,500 binds on A while B is down: more than A's outbox holds in memory, so B's queue
+    // catches up from the database first.
+    bind_many(&mesh, A, "u", 2500).await;
     // C has them all already; A reports the failure and B's backlog.
-    wait_origin_rows(&mesh, C, "a.test", 1000).await;
+    wait_origin_rows(&mesh, C, "a.test", 2500).await;
     let status = wait_for_queue(&mesh, A, "b.test", |q| q["last_error"].is_string()).await;
     let b = &status["peers"]["b.test"];
     assert!(
@@ -172,11 +173,63 @@ async fn a_peer_that_was_down_catches_up_without_loss_or_duplicates() {
 
     // B comes back (on a new port: its peer file changes, the others rescan).
     mesh.restart(B);
-    wait_origin_rows(&mesh, B, "a.test", 1000).await;
-    mesh.wait_lookup(&[B], "u999@example.com", Some("@u999:a.test"))
+    wait_origin_rows(&mesh, B, "a.test", 2500).await;
+    mesh.wait_lookup(&[B], "u2499@example.com", Some("@u2499:a.test"))
         .await;
     mesh.wait_lookup(&[B], "u0@example.com", Some("@u0:a.test"))
         .await;
+}
+
+#[tokio::test]
+async fn a_lone_bind_goes_at_once_and_binds_made_during_a_push_go_together() {
+    let mut mesh = Mesh::start(&["a.test", "b.test"]).await;
+    let queue = |status: &Value| {
+        let q = &status["peers"]["b.test"];
+        (q["pushed"].as_u64().unwrap(), q["pushes"].as_u64().unwrap())
+    };
+
+    // On an idle mesh a bind is pushed at once, alone.
+    mesh.bind(A, "lone@example.com", "@lone:a.test").await;
+    mesh.wait_lookup(&[B], "lone@example.com", Some("@lone:a.test"))
+        .await;
+    let status = wait_for_queue(&mesh, A, "b.test", |q| q["pushed"] == 1).await;
+    assert_eq!(queue(&status), (1, 1), "{status}");
+
+    // B freezes: A's push of the next bind is sent and waits for B's answer. The 9 binds made
+    // meanwhile wait for it too, and then go together, in order, in one push.
+    signal(mesh.nodes[B].node().pid(), "STOP");
+    mesh.bind(A, "first@example.com", "@first:a.test").await;
+    wait_for_queue(&mesh, A, "b.test", |q| q["state"] == "pushing").await;
+    bind_many(&mesh, A, "during", 9).await;
+    signal(mesh.nodes[B].node().pid(), "CONT");
+    wait_origin_rows(&mesh, B, "a.test", 11).await;
+    let status = wait_for_queue(&mesh, A, "b.test", |q| q["pushed"] == 11).await;
+    assert_eq!(queue(&status), (11, 3), "{status}");
+    assert_eq!(status["peers"]["b.test"]["cursor"], status["local_id"]);
+
+    // The acknowledged cursor reaches A's database soon after (saved for every peer at once,
+    // off the push path), and for certain when A stops.
+    let local_id = status["local_id"].as_i64().unwrap();
+    let saved = |mesh: &Mesh| {
+        sqlite_rows(
+            &mesh.nodes[A].db(),
+            "SELECT CAST(lastSentVersion AS TEXT) AS v FROM peers WHERE name = 'b.test'",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while saved(&mesh) != [local_id.to_string()] {
+        assert!(
+            Instant::now() < deadline,
+            "cursor saved: {:?}",
+            saved(&mesh)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.bind(A, "last@example.com", "@last:a.test").await;
+    wait_origin_rows(&mesh, B, "a.test", 12).await;
+    wait_for_queue(&mesh, A, "b.test", |q| q["pushed"] == 12).await;
+    assert!(mesh.nodes[A].node.as_mut().unwrap().stop().success());
+    assert_eq!(saved(&mesh), [(local_id + 1).to_string()]);
 }
 
 #[tokio::test]
