@@ -3,14 +3,16 @@
 //!   one bind at a time (p50, p99);
 //! - `backlog`: three nodes; how fast a backlog of 100,000 associations reaches a peer that
 //!   was down;
-//! - `burst`: a full mesh of N nodes (3, 10 and 20) taking binds on every node at once
-//!   (1,000 spread round-robin over the nodes, 64 in flight): the replication lag of each
-//!   bind (acknowledged on its origin → stored on every other node; p50, p99, max) and the
-//!   CPU the whole mesh spends per replicated row.
+//! - `paced` and `burst`: a full mesh of N nodes (3, 10 and 20) taking binds on every node
+//!   (1,000, bind k on node k mod N), either paced (100 binds/s over the whole mesh: binds
+//!   trickling in) or all at once (64 in flight): the replication lag of each bind, from its
+//!   answer on its origin to its row on every other node (p50, p99, max), and the CPU the whole
+//!   mesh spends per replicated row (the nodes' utime + stime over the round, binds included,
+//!   divided by binds × (N − 1)).
 //!
-//!   cargo bench --bench mesh                                  (all of it, ~3 minutes)
-//!   PARTS=burst NODES=20 cargo bench --bench mesh             (only the 20-node burst)
-//!   BACKLOG=20000 ROUNDS=1 BINDS=2000 IN_FLIGHT=16 …          (the other knobs)
+//!   cargo bench --bench mesh                         (all of it, ~4 minutes)
+//!   PARTS=paced,burst NODES=20 cargo bench --bench mesh
+//!   BACKLOG=20000 ROUNDS=1 BINDS=2000 RATE=50 IN_FLIGHT=16 …   (the other knobs)
 //!
 //! It reuses the integration tests' harness: real binaries, a CA made with rcgen, peers.d.
 
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use futures_util::future::join_all;
 use mesh_harness::Mesh;
+use sydent_rs::db::schema::global_threepid_associations as global;
 
 const A: usize = 0;
 const B: usize = 1;
@@ -49,7 +52,7 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let parts = std::env::var("PARTS").unwrap_or_else(|_| "single,backlog,burst".into());
+    let parts = std::env::var("PARTS").unwrap_or_else(|_| "single,backlog,paced,burst".into());
     let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
     if parts.contains(&"single") || parts.contains(&"backlog") {
         let mut mesh = Mesh::start(&["a.bench", "b.bench", "c.bench"]).await;
@@ -60,10 +63,17 @@ async fn main() {
             backlog_catch_up(&mut mesh).await;
         }
     }
+    let mut arrivals = Vec::new();
+    if parts.contains(&"paced") {
+        arrivals.push(Arrival::Paced(env_or("RATE", 100.0)));
+    }
     if parts.contains(&"burst") {
+        arrivals.push(Arrival::AllAtOnce);
+    }
+    if !arrivals.is_empty() {
         let sizes = std::env::var("NODES").unwrap_or_else(|_| "3,10,20".into());
         for n in sizes.split(',').filter_map(|n| n.trim().parse().ok()) {
-            burst(n).await;
+            full_mesh(n, &arrivals).await;
         }
     }
 }
@@ -155,12 +165,22 @@ fn count_rows(db: &std::path::Path, origin: &str) -> i64 {
     .unwrap()
 }
 
-/// A full mesh of `n` nodes; `ROUNDS` rounds of `BINDS` binds spread over every node at once.
-async fn burst(n: usize) {
+/// How the binds of a round arrive.
+#[derive(Debug, Clone, Copy)]
+enum Arrival {
+    /// This many per second over the whole mesh, each on time whether or not the ones before
+    /// were answered.
+    Paced(f64),
+    /// All together, `IN_FLIGHT` at a time.
+    AllAtOnce,
+}
+
+/// A full mesh of `n` nodes; for each arrival, `ROUNDS` rounds of `BINDS` binds spread over
+/// every node.
+async fn full_mesh(n: usize, arrivals: &[Arrival]) {
     let binds: usize = env_or("BINDS", 1000);
     let rounds: usize = env_or("ROUNDS", 3);
     let in_flight: usize = env_or("IN_FLIGHT", 64);
-    let rate: f64 = env_or("RATE", 0.0);
     let names: Vec<String> = (0..n).map(|i| format!("n{i:02}.bench")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mesh = Mesh::start(&names).await;
@@ -172,24 +192,48 @@ async fn burst(n: usize) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = (mesh_cpu_ticks(&pids) - idle_start) as f64 / ticks_per_sec() / 2.0;
     println!(
-        "burst, {n} nodes: {binds} binds spread over every node, {}, {rounds} rounds (idle mesh: {:.1} % of a core)",
-        if rate > 0.0 { format!("{rate} binds/s (at most {in_flight} in flight)") } else { format!("{in_flight} in flight") },
+        "{n} nodes, {binds} binds spread over them per round (idle mesh: {:.1} % of a core)",
         idle * 100.0
     );
-    for round in 0..rounds {
-        let result = burst_round(&mesh, &pids, round, binds, in_flight, rate).await;
+    let mut round = 0;
+    for &arrival in arrivals {
+        let how = match arrival {
+            Arrival::Paced(rate) => format!("paced, {rate} binds/s"),
+            Arrival::AllAtOnce => format!("all at once, {in_flight} in flight"),
+        };
+        let mut results = Vec::new();
+        for _ in 0..rounds {
+            let result = burst_round(&mesh, &pids, round, binds, in_flight, arrival).await;
+            round += 1;
+            println!(
+                "  {how}: lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; CPU {:.3} ms per replicated row ({:.2} s of CPU for {} rows in {:.2} s; the bench itself {:.2} s); {} rows per push",
+                ms(result.p50),
+                ms(result.p99),
+                ms(result.max),
+                result.cpu_per_row_ms(),
+                result.cpu_secs,
+                result.rows,
+                result.wall.as_secs_f64(),
+                result.bench_cpu_secs,
+                result
+                    .rows_per_push
+                    .map_or("?".to_string(), |r| format!("{r:.1}"))
+            );
+            results.push(result);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let range = |f: &dyn Fn(&RoundResult) -> f64, digits: usize| {
+            let lo = results.iter().map(f).fold(f64::INFINITY, f64::min);
+            let hi = results.iter().map(f).fold(0.0, f64::max);
+            format!("{lo:.digits$}–{hi:.digits$}")
+        };
         println!(
-            "  round {}: lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; CPU {:.3} ms per replicated row ({:.2} s of CPU for {} rows in {:.2} s)",
-            round + 1,
-            ms(result.p50),
-            ms(result.p99),
-            ms(result.max),
-            result.cpu_secs * 1000.0 / result.rows as f64,
-            result.cpu_secs,
-            result.rows,
-            result.wall.as_secs_f64()
+            "  => {n} nodes, {how}: lag p50 {} ms, p99 {} ms, max {} ms; CPU {} ms per replicated row ({rounds} rounds)",
+            range(&|r| ms(r.p50), 1),
+            range(&|r| ms(r.p99), 1),
+            range(&|r| ms(r.max), 1),
+            range(&RoundResult::cpu_per_row_ms, 2),
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -200,9 +244,20 @@ struct RoundResult {
     cpu_secs: f64,
     rows: usize,
     wall: Duration,
+    /// This process's CPU over the round (its clients and watcher), which the nodes did not
+    /// have.
+    bench_cpu_secs: f64,
+    /// Associations per push, over every queue of the mesh.
+    rows_per_push: Option<f64>,
 }
 
-/// `binds` binds, bind k on node k mod n, `in_flight` at a time. Lag: from the bind's answer
+impl RoundResult {
+    fn cpu_per_row_ms(&self) -> f64 {
+        self.cpu_secs * 1000.0 / self.rows as f64
+    }
+}
+
+/// `binds` binds, bind k on node k mod n, at most `in_flight` at a time. Lag: from the bind's answer
 /// on its origin until its row is in every other node's database (read by a thread of this
 /// process, so the watching costs the nodes nothing; a node updates its lookup index in the
 /// same step as it commits). CPU: the nodes' utime + stime from the first bind until every
@@ -213,20 +268,22 @@ async fn burst_round(
     round: usize,
     binds: usize,
     in_flight: usize,
-    rate: f64,
+    arrival: Arrival,
 ) -> RoundResult {
     let n = mesh.nodes.len();
     let address = |k: usize| format!("r{round}k{k}@example.com");
     let origin_of: HashMap<String, usize> = (0..binds).map(|k| (address(k), k % n)).collect();
+    let pushes_before = pushes(mesh).await;
     let watcher = Watcher::start(mesh, origin_of.clone());
     let cpu_before = mesh_cpu_ticks(pids);
+    let bench_before = cpu_ticks("self");
     let started = Instant::now();
     let acked: Mutex<Vec<Option<Instant>>> = Mutex::new(vec![None; binds]);
     let permits = tokio::sync::Semaphore::new(in_flight);
     join_all((0..binds).map(|k| {
         let (permits, acked) = (&permits, &acked);
         async move {
-            if rate > 0.0 {
+            if let Arrival::Paced(rate) = arrival {
                 let due = started + Duration::from_secs_f64(k as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
             }
@@ -238,6 +295,8 @@ async fn burst_round(
     }))
     .await;
     let (seen, done_at, cpu_after) = watcher.finish(mesh, &origin_of).await;
+    let bench_cpu_secs = (cpu_ticks("self") - bench_before) as f64 / ticks_per_sec();
+    let pushes_after = pushes(mesh).await;
     let acked = acked.into_inner().unwrap();
     let mut lags: Vec<Duration> = (0..binds)
         .map(|k| {
@@ -254,7 +313,30 @@ async fn burst_round(
         cpu_secs: (cpu_after - cpu_before) as f64 / ticks_per_sec(),
         rows: binds * (n - 1),
         wall: done_at - started,
+        bench_cpu_secs,
+        rows_per_push: match pushes_after.1 - pushes_before.1 {
+            0 => None, // a build whose status page does not count pushes
+            made => Some((pushes_after.0 - pushes_before.0) as f64 / made as f64),
+        },
     }
+}
+
+/// Associations pushed and pushes made so far by every queue of the mesh (the status pages'
+/// `pushed` and `pushes`; 0 pushes from a node that does not count them).
+async fn pushes(mesh: &Mesh) -> (u64, u64) {
+    let mut total = (0, 0);
+    for i in 0..mesh.nodes.len() {
+        let status = mesh.status(i).await;
+        for queue in status["peers"]
+            .as_object()
+            .into_iter()
+            .flat_map(|p| p.values())
+        {
+            total.0 += queue["pushed"].as_u64().unwrap_or(0);
+            total.1 += queue["pushes"].as_u64().unwrap_or(0);
+        }
+    }
+    total
 }
 
 /// A thread that reads every node's global table as rows arrive and notes, per address, when
@@ -314,14 +396,17 @@ impl Watcher {
             let deadline = Instant::now() + Duration::from_secs(120);
             while outstanding > 0 {
                 for (i, conn) in conns.iter_mut().enumerate() {
-                    let rows: Vec<Arrived> = diesel::sql_query(
-                        "SELECT id, address FROM global_threepid_associations WHERE id > ? ORDER BY id",
-                    )
-                    .bind::<diesel::sql_types::BigInt, _>(after[i])
-                    .load(conn)
-                    .unwrap();
+                    // Prepared once per connection (a sql_query would be compiled on every
+                    // poll, and this thread shares the two cores with the nodes).
+                    let rows: Vec<(i64, String)> = global::table
+                        .filter(global::id.gt(after[i]))
+                        .order(global::id.asc())
+                        .select((global::id, global::address))
+                        .load(conn)
+                        .unwrap();
                     let now = Instant::now();
-                    for row in rows {
+                    for (id, address) in rows {
+                        let row = Arrived { id, address };
                         after[i] = row.id;
                         if origin_of.get(&row.address) == Some(&i) {
                             continue; // the origin's own row
@@ -403,16 +488,17 @@ impl Watcher {
 
 /// The nodes' utime + stime so far, in clock ticks (every thread, living or ended).
 fn mesh_cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            // After the command name (in parentheses, may hold spaces): state is field 3,
-            // utime field 14, stime field 15.
-            let rest = &stat[stat.rfind(')').unwrap() + 2..];
-            let fields: Vec<&str> = rest.split(' ').collect();
-            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-        })
-        .sum()
+    pids.iter().map(|pid| cpu_ticks(&pid.to_string())).sum()
+}
+
+/// utime + stime of process `pid` (or `self`), in clock ticks.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name (in parentheses, may hold spaces): state is field 3, utime
+    // field 14, stime field 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 fn ticks_per_sec() -> f64 {
