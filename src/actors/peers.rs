@@ -141,7 +141,7 @@ pub struct PeerRegistry {
     pub active: ActivePeers,
     /// The first scan, made by `Node::start` before serving.
     pub initial: Option<BTreeMap<String, Peer>>,
-    /// Started with the registry; shared by every pusher.
+    /// The rows and cursors every pusher shares, started with the first of them.
     outbox: Option<Addr<Outbox>>,
     pushers: BTreeMap<String, (ActivePeer, Addr<Pusher>)>,
     reported: Vec<String>,
