@@ -586,10 +586,7 @@ impl WarmUpReads {
     /// An index of just these 3PIDs' rows, read from the database now.
     fn read(&self, threepids: &[(Medium, String)]) -> Result<LookupIndex, crate::db::OpenError> {
         let taken = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut conn = match taken {
-            Some(conn) => conn,
-            None => crate::db::connect(&self.db_file)?,
-        };
+        let mut conn = crate::db::kept_or_connect(taken, &self.db_file)?;
         let mut index = LookupIndex::new(&self.own_name, threepids.len());
         for (medium, address) in threepids {
             let key = Threepid::lookup_key(*medium, address);

@@ -207,12 +207,9 @@ impl Outbox {
         let (db_file, after) = (self.db_file.clone(), self.head);
         let (own_name, key) = (self.own_name.clone(), self.signing_key.clone());
         let job = actix_web::rt::task::spawn_blocking(move || {
-            let mut conn = match conn {
-                Some(conn) => conn,
-                None => match crate::db::connect(&db_file) {
-                    Ok(conn) => conn,
-                    Err(e) => return (None, Err(e.to_string())),
-                },
+            let mut conn = match crate::db::kept_or_connect(conn, &db_file) {
+                Ok(conn) => conn,
+                Err(e) => return (None, Err(e.to_string())),
             };
             let rows = read_signed(&mut conn, after, BATCH_SIZE, &own_name, &key);
             (Some(conn), rows)
@@ -312,12 +309,9 @@ impl Outbox {
         let conn = self.save_conn.take();
         let db_file = self.db_file.clone();
         let job = actix_web::rt::task::spawn_blocking(move || {
-            let mut conn = match conn {
-                Some(conn) => conn,
-                None => match crate::db::connect(&db_file) {
-                    Ok(conn) => conn,
-                    Err(e) => return (None, Err(e.to_string())),
-                },
+            let mut conn = match crate::db::kept_or_connect(conn, &db_file) {
+                Ok(conn) => conn,
+                Err(e) => return (None, Err(e.to_string())),
             };
             let saved = conn
                 .immediate_transaction(|c| {

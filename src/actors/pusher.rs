@@ -183,10 +183,7 @@ impl PushLoop {
         let conn = self.conn.take();
         let db_file = self.db_file.clone();
         let joined = actix_web::rt::task::spawn_blocking(move || {
-            let mut conn = match conn {
-                Some(conn) => conn,
-                None => crate::db::connect(&db_file).map_err(|e| e.to_string())?,
-            };
+            let mut conn = crate::db::kept_or_connect(conn, &db_file).map_err(|e| e.to_string())?;
             let result = f(&mut conn);
             Ok::<_, String>((conn, result))
         })

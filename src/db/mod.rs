@@ -10,7 +10,8 @@ pub mod queries;
 pub mod schema;
 
 pub use open::{
-    connect, defer_checkpoints, open, snapshot, OpenError, Snapshot, STORE_AUTOCHECKPOINT_PAGES,
+    connect, defer_checkpoints, kept_or_connect, open, snapshot, OpenError, Snapshot,
+    STORE_AUTOCHECKPOINT_PAGES,
 };
 pub use queries::{GlobalRow, LocalRow};
 

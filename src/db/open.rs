@@ -111,6 +111,18 @@ pub fn connect(path: &str) -> Result<SqliteConnection, OpenError> {
     Ok(conn)
 }
 
+/// `kept`, or a new [`connect`]ion when there is none: for the actors that keep a connection
+/// between blocking jobs and open it again after a failure.
+pub fn kept_or_connect(
+    kept: Option<SqliteConnection>,
+    path: &str,
+) -> Result<SqliteConnection, OpenError> {
+    match kept {
+        Some(conn) => Ok(conn),
+        None => connect(path),
+    }
+}
+
 /// A read transaction on a connection of its own: everything read through it is the database
 /// as it was when [`snapshot`] returned, whatever the store commits meanwhile (WAL).
 pub struct Snapshot(SqliteConnection);
