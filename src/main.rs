@@ -44,6 +44,31 @@ enum Command {
         /// The peer's server name, as on the status page.
         server_name: String,
     },
+    /// Make a mesh: the mesh CA, and per node a certificate, a sydent.conf with a new signing
+    /// key, and its file in the shared peers.d. Existing keys are kept (unless --force), so
+    /// running it again with one more name adds a node.
+    NewMesh {
+        /// The nodes' names (host names: server.name, certificate name, container name).
+        #[arg(required = true, value_name = "NAME")]
+        nodes: Vec<String>,
+        /// Nodes on this host: loopback addresses in the certificates, node i on ports
+        /// 10090+1000i (client), 10091+1000i (internal), 10434+1000i (replication), host
+        /// paths. Without it, the layout of docker-compose.yml's containers.
+        #[arg(long)]
+        local: bool,
+        /// Where the CA and each node's directory go.
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        certs: PathBuf,
+        /// The shared peers directory.
+        #[arg(long, default_value = "peers.d", value_name = "DIR")]
+        peers: PathBuf,
+        /// Replace existing keys, certificates and configs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Exit 0 if the node of this config answers on its client API (for container health
+    /// checks: a scratch image has no curl).
+    Healthcheck,
     /// Print `sydent.conf.example`: every key with its default.
     #[command(hide = true)]
     ExampleConfig,
@@ -68,6 +93,20 @@ fn main() -> ExitCode {
         }
         Some(Command::PeerFile { url }) => peer_file(cli.config, &url),
         Some(Command::ForgetOrigin { server_name }) => forget_origin(cli.config, &server_name),
+        Some(Command::NewMesh {
+            nodes,
+            local,
+            certs,
+            peers,
+            force,
+        }) => new_mesh(sydent_rs::mesh::new_mesh::Plan {
+            certs_dir: certs,
+            peers_dir: peers,
+            nodes,
+            local,
+            force,
+        }),
+        Some(Command::Healthcheck) => healthcheck(cli.config),
         None => run(cli.config),
     }
 }
@@ -93,6 +132,10 @@ fn peer_file(config_path_arg: Option<PathBuf>, url: &str) -> ExitCode {
         Ok(url) => url,
         Err(e) => return fail(format!("--url: {e}")),
     };
+    // A URL whose host the certificate does not name fails every push: say so now.
+    if let Some(warning) = sydent_rs::mesh::tls::url_host_warning(&loaded.config.http, &url) {
+        eprintln!("warning: {warning}");
+    }
     let general = &loaded.config.general;
     print!(
         "{}",
@@ -103,6 +146,44 @@ fn peer_file(config_path_arg: Option<PathBuf>, url: &str) -> ExitCode {
         )
     );
     ExitCode::SUCCESS
+}
+
+fn new_mesh(plan: sydent_rs::mesh::new_mesh::Plan) -> ExitCode {
+    match sydent_rs::mesh::new_mesh::new_mesh(&plan) {
+        Ok(outcome) => {
+            for line in outcome.lines {
+                println!("{line}");
+            }
+            if plan.local {
+                println!("start each node with: sydent-rs --config <its sydent.conf>");
+                for node in &outcome.nodes {
+                    println!("  sydent-rs --config {}", node.config.display());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn healthcheck(config_path_arg: Option<PathBuf>) -> ExitCode {
+    let env = |name: &str| std::env::var(name).ok();
+    let path = config_path(config_path_arg);
+    // Loading a missing config would write one with a new key, racing the node's first start.
+    if !path.exists() {
+        return fail(format!(
+            "unhealthy: {} does not exist yet (the node writes it on its first start)",
+            path.display()
+        ));
+    }
+    let config = match Config::load(&path, &env) {
+        Ok(loaded) => loaded.config,
+        Err(e) => return fail(e),
+    };
+    match sydent_rs::node::check_health(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("unhealthy: {e}")),
+    }
 }
 
 fn forget_origin(config_path_arg: Option<PathBuf>, origin: &str) -> ExitCode {

@@ -505,3 +505,51 @@ impl Node {
         log::info!("stopped");
     }
 }
+
+/// Asks the node of `config` for its client API's status (`GET /_matrix/identity/api/v1`, on
+/// loopback when it listens on every address), as a container health check does: Ok when it
+/// answers 200 within 5 seconds.
+pub fn check_health(config: &Config) -> Result<(), String> {
+    let http = &config.http;
+    let host = http
+        .clientapi_bind_address
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| format!("clientapi.http.bind_address '{host}' is not an IP address"))?;
+    // The listener falls back to IPv4 when IPv6 is off (see bind_with_fallback): so does this.
+    let candidates: Vec<std::net::IpAddr> = if ip.is_unspecified() || ip.is_loopback() {
+        let mut ips = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+        if ip.is_ipv6() {
+            ips.insert(0, std::net::Ipv6Addr::LOCALHOST.into());
+        }
+        ips
+    } else {
+        vec![ip]
+    };
+    crate::mesh::tls::install_default_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut last_error = String::new();
+        for ip in candidates {
+            let url = format!(
+                "http://{}/_matrix/identity/api/v1",
+                SocketAddr::new(ip, http.clientapi_port)
+            );
+            match client.get(&url).send().await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => last_error = format!("{url}: {}", response.status()),
+                Err(e) => last_error = format!("{url}: {e}"),
+            }
+        }
+        Err(last_error)
+    })
+}

@@ -187,8 +187,20 @@ pub const KEYS: &[KeyDef] = &[
         "0",
         "sydent-rs: client API worker threads; 0 = one per CPU core.",
     ),
-    key("http", "internalapi.http.bind_address", "::1", "Internal API address."),
-    key("http", "internalapi.http.port", "", "Internal API port; empty: no internal API."),
+    env_key(
+        "http",
+        "internalapi.http.bind_address",
+        "::1",
+        "SYDENT_RS_INTERNALAPI_BIND_ADDRESS",
+        "Internal API address.",
+    ),
+    env_key(
+        "http",
+        "internalapi.http.port",
+        "",
+        "SYDENT_RS_INTERNALAPI_PORT",
+        "Internal API port; empty: no internal API.",
+    ),
     key(
         "http",
         "replication.https.certfile",

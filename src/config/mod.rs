@@ -203,6 +203,17 @@ pub fn example_text() -> String {
     keys::render(&|k| k.default.to_string())
 }
 
+/// A complete config file: every key with its default, except the `(section, key, value)`
+/// given (for configs written by `sydent-rs new-mesh`).
+pub fn text_with(values: &[(&str, &str, String)]) -> String {
+    keys::render(&|k| {
+        values
+            .iter()
+            .find(|(section, name, _)| *section == k.section && *name == k.name)
+            .map_or_else(|| k.default.to_string(), |(_, _, value)| value.clone())
+    })
+}
+
 impl Config {
     /// Reads `path`, writing it first (every default plus a new signing key) if it does not
     /// exist. `env` looks up environment variables (a parameter so tests need not touch the

@@ -3,6 +3,7 @@
 //! that push (`crate::actors::pusher`, `crate::actors::peers`) and the receiver
 //! (`crate::http::replication`) build on these.
 
+pub mod new_mesh;
 pub mod peers;
 pub mod tls;
 pub mod wire;

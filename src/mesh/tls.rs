@@ -225,3 +225,103 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
     }
     names
 }
+
+/// The names other nodes can reach this node by: the DNS names and IP addresses of its
+/// certificate's subject alternative names (what a TLS client checks the URL's host against;
+/// the common name is not used for that).
+fn reachable_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    names.push(dns.to_ascii_lowercase());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                    let ip = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes)
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+fn host_matches(host: &str, name: &str) -> bool {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return name.parse::<std::net::IpAddr>() == Ok(ip);
+    }
+    match name.strip_prefix("*.") {
+        // A wildcard covers exactly one label.
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => host == name,
+    }
+}
+
+/// For `peer-file --url`: a warning when the node's own certificate does not name the URL's
+/// host, since every peer's push to that URL would then fail the TLS check (and which names
+/// it does have). None when it does, or when there is no certificate to check.
+pub fn url_host_warning(http: &HttpConfig, url: &str) -> Option<String> {
+    let Some(certfile) = &http.replication_certfile else {
+        return Some(
+            "replication is off on this node (no [http] replication.https.certfile): peers cannot push to it"
+                .into(),
+        );
+    };
+    let pem = std::fs::read(certfile).ok()?;
+    let cert = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+    let authority = url
+        .strip_prefix("https://")?
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    }
+    .to_ascii_lowercase();
+    let names = reachable_names(&cert);
+    if names.iter().any(|name| host_matches(&host, name)) {
+        return None;
+    }
+    Some(format!(
+        "this node's certificate ({}) does not name '{host}', so peers pushing to {url} will fail \
+         its TLS check; its names are: {}. Use one of them in --url, or a certificate that names \
+         '{host}' (sydent-rs new-mesh --local adds 127.0.0.1 and ::1)",
+        certfile.display(),
+        if names.is_empty() {
+            "none (no subject alternative names)".to_string()
+        } else {
+            names.join(", ")
+        }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_matches;
+
+    #[test]
+    fn hosts_match_names_as_tls_clients_do() {
+        assert!(host_matches("node1.example.org", "node1.example.org"));
+        assert!(host_matches("127.0.0.1", "127.0.0.1"));
+        assert!(host_matches("::1", "::1"));
+        assert!(host_matches("a.example.org", "*.example.org"));
+        assert!(!host_matches("a.b.example.org", "*.example.org"));
+        assert!(!host_matches("example.org", "*.example.org"));
+        assert!(!host_matches("127.0.0.1", "node1.example.org"));
+        assert!(!host_matches("node2.example.org", "node1.example.org"));
+    }
+}

@@ -235,11 +235,7 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let mut attempts = 0;
     let (rust, sydent) = loop {
         attempts += 1;
-        let sydent_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let sydent_port = crate::harness::free_port();
         std::fs::write(
             &config_path,
             format!(

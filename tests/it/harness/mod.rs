@@ -374,6 +374,15 @@ pub fn run_to_exit(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A loopback port free right now (for configs that must name their port before start; a
+/// node itself is given port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
+}
+
 /// GET `url`, its JSON body.
 pub async fn get_json(url: &str) -> Value {
     client()

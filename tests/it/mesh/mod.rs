@@ -2,6 +2,7 @@
 //! test, peers introduced through a shared peers.d.
 
 pub mod harness;
+mod local;
 mod ordering;
 
 use std::path::Path;
