@@ -12,13 +12,15 @@
 //! - [`actors`]: the owners of mutable state: the association store (single writer, group
 //!   commit), the peer registry and one push queue per peer, the WAL checkpointer.
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
-//! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format.
+//! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
+//! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
 pub mod actors;
 pub mod association;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod homeserver;
 pub mod http;
 pub mod lookup_index;
 pub mod mesh;

@@ -23,11 +23,12 @@ SYDENT_RS_CERTS_GID=$(stat -c %g "$SYDENT_RS_CERTS/node1/node1.key")
 export SYDENT_RS_CERTS_GID
 
 "${DC[@]}" up -d --no-build
+nodes=$("${DC[@]}" ps -q | wc -l)
 for _ in $(seq 60); do
     healthy=$("${DC[@]}" ps -q | xargs docker inspect -f '{{.State.Health.Status}}' | grep -c '^healthy$' || true)
-    [ "$healthy" = 3 ] && break
+    [ "$healthy" = "$nodes" ] && break
     sleep 1
 done
 "${DC[@]}" ps
-[ "$healthy" = 3 ] || { echo "mesh-up: not every node became healthy; see: ${DC[*]} logs" >&2; exit 1; }
+[ "$healthy" = "$nodes" ] || { echo "mesh-up: not every node became healthy; see: ${DC[*]} logs" >&2; exit 1; }
 echo "mesh up: node1 http://127.0.0.1:${SYDENT_RS_NODE1_PORT:-8090} (internal http://127.0.0.1:${SYDENT_RS_NODE1_INTERNAL_PORT:-8091}), node2 http://127.0.0.1:${SYDENT_RS_NODE2_PORT:-8092}, node3 http://127.0.0.1:${SYDENT_RS_NODE3_PORT:-8093}"

@@ -74,8 +74,10 @@ pub struct GeneralConfig {
     pub enable_v1_access: bool,
     pub enable_v1_associations: bool,
     pub delete_tokens_on_bind: bool,
-    pub ip_blacklist: Vec<String>,
-    pub ip_whitelist: Vec<String>,
+    /// Outbound requests may not reach these (empty: the built-in private ranges, see
+    /// `crate::homeserver::IpFilter`).
+    pub ip_blacklist: Vec<ipnet::IpNet>,
+    pub ip_whitelist: Vec<ipnet::IpNet>,
     pub homeserver_allow_list: Vec<String>,
     /// The peers.d directory, resolved against the config file's directory.
     pub peers_path: PathBuf,
@@ -348,23 +350,24 @@ fn line_list(value: &str) -> Vec<String> {
         .collect()
 }
 
-fn cidr_list(section: &str, key: &str, value: &str) -> Result<Vec<String>, ConfigError> {
-    let list = comma_list(value);
-    for cidr in &list {
-        let (ip, len) = cidr.split_once('/').unwrap_or((cidr, ""));
-        let ip: IpAddr = ip.parse().map_err(|_| {
-            ConfigError::invalid(section, key, format!("'{cidr}' is not an IP range"))
-        })?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        if !len.is_empty() && len.parse::<u8>().ok().is_none_or(|l| l > max) {
-            return Err(ConfigError::invalid(
-                section,
-                key,
-                format!("'{cidr}' has a bad prefix length"),
-            ));
-        }
-    }
-    Ok(list)
+fn cidr_list(section: &str, key: &str, value: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    comma_list(value)
+        .iter()
+        .map(|cidr| {
+            // A bare address is a range of one, as in Sydent.
+            let parsed = match cidr.parse::<IpAddr>() {
+                Ok(ip) => Ok(ipnet::IpNet::from(ip)),
+                Err(_) => cidr.parse::<ipnet::IpNet>(),
+            };
+            parsed.map(|net| net.trunc()).map_err(|_| {
+                ConfigError::invalid(
+                    section,
+                    key,
+                    format!("'{cidr}' is not an IP range (address/prefix length)"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn log_level(value: &str) -> Option<log::LevelFilter> {

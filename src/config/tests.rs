@@ -122,7 +122,13 @@ fn booleans_ports_and_lists() {
         c.general.homeserver_allow_list,
         vec!["hs.example", "other.example"]
     );
-    assert_eq!(c.general.ip_blacklist, vec!["10.0.0.0/8", "fd00::/8"]);
+    let blacklist: Vec<String> = c
+        .general
+        .ip_blacklist
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(blacklist, vec!["10.0.0.0/8", "fd00::/8"]);
     assert_eq!(c.http.internalapi_port, Some(0));
     assert!(c.http.obey_x_forwarded_for);
     assert_eq!(c.email.keyword_blocklist, vec!["spam", "strasse"]);

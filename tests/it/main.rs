@@ -6,6 +6,7 @@ mod harness;
 
 mod config_start;
 mod errors;
+mod homeserver;
 mod internal_bind;
 mod mesh;
 mod sydent_db;

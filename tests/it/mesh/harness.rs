@@ -39,9 +39,15 @@ impl TestCa {
 
     /// A node certificate usable as server and client: (certificate PEM, key PEM).
     pub fn node_cert(&self, name: &str) -> (String, String) {
+        self.cert_for(name, &[name, "localhost"])
+    }
+
+    /// A server and client certificate with CN `name` and these DNS names.
+    pub fn cert_for(&self, name: &str, dns_names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params =
-            CertificateParams::new(vec![name.to_string(), "localhost".to_string()]).unwrap();
+            CertificateParams::new(dns_names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
