@@ -30,6 +30,7 @@ use super::outbox::{read_signed, Acked, AckedCursor, Outbox, OutgoingRow, Take, 
 use crate::crypto::NodeSigningKey;
 use crate::db::queries;
 use crate::mesh::peers::Peer;
+use crate::mesh::tls::describe_error;
 use crate::mesh::wire::PushBody;
 use crate::types::ServerName;
 
@@ -378,7 +379,7 @@ async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), 
         .body(body)
         .send()
         .await
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| describe_error(&e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(());
@@ -386,16 +387,4 @@ async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), 
     let text = response.text().await.unwrap_or_default();
     let text: String = text.chars().take(300).collect();
     Err(format!("{url} answered {status}: {text}"))
-}
-
-/// A reqwest error with its causes (the TLS reason is usually a few levels down).
-fn describe(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

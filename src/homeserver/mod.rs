@@ -30,7 +30,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 pub use ip_filter::IpFilter;
 
 use crate::config::Config;
-use crate::mesh::tls::provider;
+use crate::mesh::tls::{describe_error, provider};
+use crate::types::ServerName;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -148,7 +149,7 @@ impl HomeserverClient {
         let target = self.resolve(server_name).await?;
         let unreachable = |e: reqwest::Error| HomeserverError::Unreachable {
             server: server_name.to_string(),
-            message: error_chain(&e),
+            message: describe_error(&e),
         };
         let response = self
             .federation
@@ -248,7 +249,7 @@ impl HomeserverClient {
             .get(&url)
             .send()
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| describe_error(&e))?;
         if response.status() != reqwest::StatusCode::OK {
             return Err(format!("status {}", response.status()));
         }
@@ -299,56 +300,26 @@ fn ip_literal(host: &str) -> Option<IpAddr> {
         .ok()
 }
 
-/// (host, port) of a Matrix server name: a DNS name, an IPv4 address or a bracketed IPv6
-/// address, with an optional port (1–65535, digits only). The host is lowercased and IPv6
-/// addresses lose their brackets.
+/// (host, port) of a Matrix server name (the grammar of [`ServerName`]), the host lowercased
+/// and an IPv6 address without its brackets.
 fn split_server_name(name: &str) -> Result<(String, Option<u16>), HomeserverError> {
-    let invalid = || HomeserverError::InvalidServerName(name.to_string());
-    let bracketed = name.starts_with('[');
-    let (host, port) = if let Some(rest) = name.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']').ok_or_else(invalid)?;
-        v6.parse::<std::net::Ipv6Addr>().map_err(|_| invalid())?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(invalid)?),
-        };
-        (v6.to_string(), port)
-    } else {
-        match name.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (name.to_string(), None),
+    let name = name.to_ascii_lowercase();
+    let invalid = || HomeserverError::InvalidServerName(name.clone());
+    ServerName::parse(&name).map_err(|_| invalid())?;
+    let (host, port) = match name.strip_prefix('[') {
+        Some(rest) => {
+            let (v6, tail) = rest.split_once(']').ok_or_else(invalid)?;
+            (v6, tail.strip_prefix(':'))
         }
+        None => match name.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (name.as_str(), None),
+        },
     };
-    let port = match port {
-        None => None,
-        Some(p) => {
-            let valid = !p.is_empty()
-                && p.len() <= 5
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && !p.starts_with('0');
-            let port: u16 = p.parse().ok().filter(|_| valid).ok_or_else(invalid)?;
-            Some(port)
-        }
-    };
-    let host = host.to_ascii_lowercase();
-    let dns_name = |h: &str| {
-        !h.is_empty()
-            && h.len() <= 255
-            && h.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            })
-    };
-    if bracketed || host.parse::<std::net::Ipv4Addr>().is_ok() || dns_name(&host) {
-        Ok((host, port))
-    } else {
-        Err(invalid())
-    }
+    let port = port
+        .map(|p| p.parse::<u16>().map_err(|_| invalid()))
+        .transpose()?;
+    Ok((host.to_string(), port))
 }
 
 /// How long a well-known answer may be cached: `no-store` → None; `max-age` capped at 48 h;
@@ -397,7 +368,7 @@ async fn read_capped(
         .await
         .map_err(|e| HomeserverError::Unreachable {
             server: server.to_string(),
-            message: error_chain(&e),
+            message: describe_error(&e),
         })?
     {
         if body.len() + chunk.len() > limit {
@@ -406,18 +377,6 @@ async fn read_capped(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// A reqwest error with its causes ("error sending request … | invalid peer certificate …").
-fn error_chain(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(" | ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Resolves host names with the system resolver, refusing them when any address is filtered.

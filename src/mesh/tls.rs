@@ -204,6 +204,18 @@ impl MeshTls {
     }
 }
 
+/// A reqwest error with its causes (the TLS reason is usually a few levels down).
+pub fn describe_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The names a verified peer certificate proves: its DNS subject alternative names, then its
 /// subject common name(s) (Sydent identifies peers by CN).
 pub fn certificate_names(der: &[u8]) -> Vec<String> {
