@@ -8,12 +8,11 @@
 //! Resolution (spec: "Resolving server names"): an IP literal is used as it is (port given or
 //! 8448); a name with an explicit port is used as it is; otherwise
 //! `https://<name>/.well-known/matrix/server` is asked (cached as its Cache-Control says, at most
-//! 48 h, 24 h by default; a failure is cached 1 h) and its `m.server` followed once; then port
-//! 8448. The `Host` header is the (delegated) server name; the certificate must name the host
-//! the request goes to.
-//!
-//! Not yet: SRV records (`_matrix-fed._tcp`, `_matrix._tcp`) between the well-known step and
-//! port 8448.
+//! 48 h, 24 h by default; a failure is cached 1 h) and its `m.server` followed once (a name
+//! with a port or an IP literal is used as it is); then the SRV records `_matrix-fed._tcp` and
+//! `_matrix._tcp` of the (delegated) name (lowest priority, weighted choice); then port 8448.
+//! The `Host` header is the (delegated) server name, and the certificate must name it, also
+//! when an SRV record sends the connection to another host.
 
 mod ip_filter;
 
@@ -22,6 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+use hickory_resolver::TokioAsyncResolver;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName as TlsName, UnixTime};
@@ -68,7 +69,12 @@ struct Target {
     base_url: String,
     /// The `Host` header: the (delegated) server name.
     host_header: String,
+    /// The host the connection goes to: the URL's, or an SRV record's target.
+    connect_host: String,
 }
+
+/// host → the SRV target its connections go to (read by the federation client's resolver).
+type SrvTargets = Arc<Mutex<HashMap<String, String>>>;
 
 struct CachedWellKnown {
     delegated: Option<String>,
@@ -82,6 +88,9 @@ pub struct HomeserverClient {
     well_known: Mutex<HashMap<String, CachedWellKnown>>,
     /// 443 but in tests, which cannot listen there.
     well_known_port: u16,
+    /// SRV lookups (None: no usable resolver configuration; discovery skips SRV).
+    srv: Option<TokioAsyncResolver>,
+    srv_targets: SrvTargets,
 }
 
 impl HomeserverClient {
@@ -104,10 +113,14 @@ impl HomeserverClient {
         crate::mesh::tls::install_default_provider();
         let filter = Arc::new(filter);
         let tls = tls_config(verify_certificates, roots).map_err(|e| e.to_string())?;
-        let builder = |redirects: reqwest::redirect::Policy| {
+        let srv_targets = SrvTargets::default();
+        let builder = |redirects: reqwest::redirect::Policy, srv: Option<SrvTargets>| {
             reqwest::Client::builder()
                 .use_preconfigured_tls(tls.clone())
-                .dns_resolver(Arc::new(FilteredResolver(Arc::clone(&filter))))
+                .dns_resolver(Arc::new(FilteredResolver {
+                    filter: Arc::clone(&filter),
+                    srv_targets: srv,
+                }))
                 .no_proxy()
                 .redirect(redirects)
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -129,13 +142,33 @@ impl HomeserverClient {
                 attempt.follow()
             }
         });
+        let srv = match TokioAsyncResolver::tokio_from_system_conf() {
+            Ok(resolver) => Some(resolver),
+            Err(e) => {
+                log::warn!("homeserver discovery skips SRV records: no DNS configuration ({e})");
+                None
+            }
+        };
         Ok(Self {
-            federation: builder(reqwest::redirect::Policy::none())?,
-            well_known_client: builder(well_known_redirects)?,
+            federation: builder(
+                reqwest::redirect::Policy::none(),
+                Some(Arc::clone(&srv_targets)),
+            )?,
+            well_known_client: builder(well_known_redirects, None)?,
             filter,
             well_known: Mutex::new(HashMap::new()),
             well_known_port,
+            srv,
+            srv_targets,
         })
+    }
+
+    /// Asks this DNS server (UDP and TCP) for SRV records instead of the system's (tests).
+    pub fn with_nameserver(mut self, server: SocketAddr) -> Self {
+        let servers = NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true);
+        let config = ResolverConfig::from_parts(None, vec![], servers);
+        self.srv = Some(TokioAsyncResolver::tokio(config, ResolverOpts::default()));
+        self
     }
 
     /// GET `path_and_query` on homeserver `server_name`, reading at most `limit` bytes of the
@@ -172,24 +205,88 @@ impl HomeserverClient {
         } else {
             match self.delegation(&host).await {
                 Some(delegated) => match split_server_name(&delegated) {
-                    Ok((d_host, d_port)) => direct_target(&d_host, d_port, &delegated),
-                    Err(_) => fallback_target(&host),
+                    Ok((d_host, d_port)) if d_port.is_some() || ip_literal(&d_host).is_some() => {
+                        direct_target(&d_host, d_port, &delegated)
+                    }
+                    Ok((d_host, _)) => self.srv_or_default(&d_host).await,
+                    Err(_) => self.srv_or_default(&host).await,
                 },
-                None => fallback_target(&host),
+                None => self.srv_or_default(&host).await,
             }
         };
         self.check_addresses(&target, server_name).await?;
         Ok(target)
     }
 
+    /// `host` through its SRV records, else on port 8448.
+    async fn srv_or_default(&self, host: &str) -> Target {
+        let found = self.srv_target(host).await;
+        let mut targets = self.srv_targets.lock().expect("srv lock");
+        match found {
+            Some((connect_host, port)) => {
+                targets.insert(host.to_string(), connect_host.clone());
+                Target {
+                    base_url: format!("https://{host}:{port}"),
+                    host_header: host.to_string(),
+                    connect_host,
+                }
+            }
+            None => {
+                targets.remove(host);
+                fallback_target(host)
+            }
+        }
+    }
+
+    /// The SRV target of `host` (`_matrix-fed._tcp` first, then the older `_matrix._tcp`):
+    /// among the records of the lowest priority, one chosen by weight (RFC 2782).
+    async fn srv_target(&self, host: &str) -> Option<(String, u16)> {
+        let resolver = self.srv.as_ref()?;
+        for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+            let lookup = match resolver.srv_lookup(format!("{service}.{host}.")).await {
+                Ok(lookup) => lookup,
+                Err(e) => {
+                    log::debug!("no {service} SRV record for {host}: {e}");
+                    continue;
+                }
+            };
+            let Some(best) = lookup.iter().map(|r| r.priority()).min() else {
+                continue;
+            };
+            let candidates: Vec<_> = lookup.iter().filter(|r| r.priority() == best).collect();
+            let total: u32 = candidates.iter().map(|r| u32::from(r.weight())).sum();
+            let mut pick = if total == 0 {
+                0
+            } else {
+                rand_core::RngCore::next_u32(&mut rand_core::OsRng) % (total + 1)
+            };
+            let chosen = candidates
+                .iter()
+                .find(|r| {
+                    let weight = u32::from(r.weight());
+                    if pick <= weight {
+                        true
+                    } else {
+                        pick -= weight;
+                        false
+                    }
+                })
+                .unwrap_or(&candidates[0]);
+            let target = chosen.target().to_ascii();
+            let target = target.trim_end_matches('.').to_ascii_lowercase();
+            // A lone "." says the service is not offered there.
+            if target.is_empty() {
+                return None;
+            }
+            return Some((target, chosen.port()));
+        }
+        None
+    }
+
     /// Refuses a target whose host (literal or resolved) the filter does not allow, with an
     /// error that says so (the resolver refuses it again at connect time, after any DNS change).
     async fn check_addresses(&self, target: &Target, server: &str) -> Result<(), HomeserverError> {
-        let authority = target
-            .base_url
-            .strip_prefix("https://")
-            .unwrap_or(&target.base_url);
-        let (host, _) = split_server_name(authority)?;
+        let host = target.connect_host.clone();
         let addresses: Vec<IpAddr> = match ip_literal(&host) {
             Some(ip) => vec![ip],
             None => tokio::net::lookup_host((host.as_str(), 0))
@@ -274,14 +371,16 @@ fn direct_target(host: &str, port: Option<u16>, server_name: &str) -> Target {
     Target {
         base_url: format!("https://{}:{port}", bracketed(host)),
         host_header: server_name.to_string(),
+        connect_host: host.to_string(),
     }
 }
 
-/// No delegation: the name on port 8448.
+/// No delegation and no SRV record: the name on port 8448.
 fn fallback_target(host: &str) -> Target {
     Target {
         base_url: format!("https://{host}:{DEFAULT_FEDERATION_PORT}"),
         host_header: host.to_string(),
+        connect_host: host.to_string(),
     }
 }
 
@@ -380,12 +479,26 @@ async fn read_capped(
 }
 
 /// Resolves host names with the system resolver, refusing them when any address is filtered.
-struct FilteredResolver(Arc<IpFilter>);
+/// For the federation client, a host with an SRV target resolves to that target's addresses.
+struct FilteredResolver {
+    filter: Arc<IpFilter>,
+    srv_targets: Option<SrvTargets>,
+}
 
 impl Resolve for FilteredResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let filter = Arc::clone(&self.0);
-        let host = name.as_str().to_owned();
+        let filter = Arc::clone(&self.filter);
+        let host = self
+            .srv_targets
+            .as_ref()
+            .and_then(|targets| {
+                targets
+                    .lock()
+                    .expect("srv lock")
+                    .get(name.as_str())
+                    .cloned()
+            })
+            .unwrap_or_else(|| name.as_str().to_owned());
         Box::pin(async move {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if all.iter().any(|a| !filter.allows(a.ip())) {
@@ -508,7 +621,8 @@ mod tests {
             direct_target("1.2.3.4", None, "1.2.3.4"),
             Target {
                 base_url: "https://1.2.3.4:8448".into(),
-                host_header: "1.2.3.4".into()
+                host_header: "1.2.3.4".into(),
+                connect_host: "1.2.3.4".into(),
             }
         );
         assert_eq!(
@@ -519,7 +633,8 @@ mod tests {
             fallback_target("example.org"),
             Target {
                 base_url: "https://example.org:8448".into(),
-                host_header: "example.org".into()
+                host_header: "example.org".into(),
+                connect_host: "example.org".into(),
             }
         );
     }

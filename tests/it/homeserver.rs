@@ -195,3 +195,76 @@ async fn answers_past_the_limit_are_refused() {
         100_000
     );
 }
+
+/// A DNS server on a loopback UDP port answering `_matrix-fed._tcp.<name>.` with one SRV record
+/// (`localhost.`, `port`) and NXDOMAIN to everything else.
+fn start_dns(name: &str, port: u16) -> std::net::SocketAddr {
+    use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
+    use hickory_resolver::proto::rr::rdata::SRV;
+    use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+    use hickory_resolver::proto::serialize::binary::{BinDecodable, BinEncodable};
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let wanted = format!("_matrix-fed._tcp.{name}.");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let Ok(query) = Message::from_bytes(&buf[..n]) else {
+                continue;
+            };
+            let mut answer = Message::new();
+            answer
+                .set_id(query.id())
+                .set_message_type(MessageType::Response)
+                .set_op_code(query.op_code())
+                .set_recursion_desired(query.recursion_desired())
+                .set_recursion_available(true)
+                .add_queries(query.queries().to_vec());
+            let srv = query.queries().iter().find(|q| {
+                q.query_type() == RecordType::SRV
+                    && q.name().to_ascii().eq_ignore_ascii_case(&wanted)
+            });
+            match srv {
+                Some(q) => {
+                    answer.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::SRV(SRV::new(
+                            10,
+                            5,
+                            port,
+                            Name::from_ascii("localhost.").unwrap(),
+                        )),
+                    ));
+                }
+                None => {
+                    answer.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+            let _ = socket.send_to(&answer.to_bytes().unwrap(), from);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_srv_record_sends_the_connection_elsewhere_and_the_certificate_names_the_server() {
+    let ca = TestCa::new("homeserver test CA");
+    // The homeserver's certificate names srv.test, the server name; the SRV record points the
+    // connection at localhost:<port>. No well-known file answers for srv.test (it does not
+    // resolve), so discovery goes on to SRV.
+    let hs = FakeHomeserver::start(&ca, &["srv.test"]);
+    let dns = start_dns("srv.test", hs.port);
+    let client = client(&ca, &["127.0.0.0/8", "::1/128"], hs.port).with_nameserver(dns);
+    let answer = client.get("srv.test", USERINFO, 5 * 1024).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(hs.hosts.lock().unwrap().as_slice(), ["srv.test"]);
+
+    // The same through a refusing filter: the SRV target's address is checked, not the name's.
+    let refused = self::client(&ca, &[], hs.port).with_nameserver(dns);
+    let err = refused
+        .get("srv.test", USERINFO, 5 * 1024)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HomeserverError::Blocked(_)), "{err}");
+}
