@@ -15,6 +15,7 @@
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
+//! - [`terms`]: the terms of service (`terms.path`), loaded at start and on SIGHUP.
 pub mod actors;
 pub mod association;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod lookup_index;
 pub mod mesh;
 pub mod node;
+pub mod terms;
 pub mod types;
 
 /// Milliseconds since the Unix epoch, the unit of every Matrix and Sydent timestamp.

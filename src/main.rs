@@ -288,7 +288,7 @@ fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
 /// The exit code when the association store failed (EX_SOFTWARE).
 const EXIT_STORE_FAILED: u8 = 70;
 
-/// SIGTERM, SIGINT (stop) and SIGHUP (re-read the replication peers), handled from before the
+/// SIGTERM, SIGINT (stop) and SIGHUP (re-read the replication peers and the terms), handled from before the
 /// node starts.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
@@ -306,13 +306,16 @@ impl StopSignals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers meanwhile.
+    /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers and terms meanwhile.
     async fn wait(mut self, node: &Node) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => node.reload_peers(),
+                _ = self.hup.recv() => {
+                    node.reload_peers();
+                    node.reload_terms();
+                }
             }
         }
     }

@@ -20,6 +20,7 @@ use crate::db;
 use crate::http::{self, AppState};
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
+use crate::terms::{SharedTerms, Terms};
 
 /// How long a graceful stop waits for in-flight requests.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
@@ -170,6 +171,8 @@ pub struct Node {
     pidfile: Option<PathBuf>,
     /// Says why, if the association store stopped because it could not commit.
     failed: Option<tokio::sync::oneshot::Receiver<String>>,
+    /// The terms in force and the file they come from (re-read on SIGHUP).
+    terms: (SharedTerms, Option<PathBuf>),
 }
 
 impl Node {
@@ -189,6 +192,14 @@ impl Node {
                 "replication: [http] replication.https.cacert is not set: any certificate from a public CA naming a peer is accepted (signatures are still checked). Set the mesh CA."
             );
         }
+        let terms = match &config.general.terms_path {
+            None => Terms::none(),
+            Some(path) => Terms::load(path).map_err(|e| StartError::Setting {
+                key: "[general] terms.path",
+                message: format!("{}: {e}", path.display()),
+            })?,
+        };
+        let terms = SharedTerms::new(terms);
         let db_file = config.db.db_file.clone();
         let (server_name, signing_key) = (
             config.general.server_name.clone(),
@@ -336,6 +347,7 @@ impl Node {
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
             local_id: local_id.clone(),
             replication: tls.as_ref().map(|_| active_peers.clone()),
+            terms: terms.clone(),
         });
 
         let client_addr = listeners
@@ -453,6 +465,7 @@ impl Node {
             checkpointer,
             pidfile,
             failed: Some(failed),
+            terms: (terms, config.general.terms_path.clone()),
         })
     }
 
@@ -476,6 +489,26 @@ impl Node {
     pub fn reload_peers(&self) {
         if let Some(registry) = &self.registry {
             registry.do_send(Rescan);
+        }
+    }
+
+    /// Re-reads the terms file (SIGHUP). A file that does not load leaves the terms in force.
+    pub fn reload_terms(&self) {
+        let (shared, path) = &self.terms;
+        let Some(path) = path else { return };
+        match Terms::load(path) {
+            Ok(terms) => {
+                log::info!(
+                    "terms reloaded from {}: master_version {}",
+                    path.display(),
+                    terms.master_version().unwrap_or_default()
+                );
+                shared.replace(terms);
+            }
+            Err(e) => log::error!(
+                "[general] terms.path: {}: {e}; the terms in force stay",
+                path.display()
+            ),
         }
     }
 

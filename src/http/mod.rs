@@ -14,6 +14,7 @@ mod lookup;
 mod pubkey;
 pub mod replication;
 mod status;
+mod terms;
 
 use std::sync::Arc;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub local_id: tokio::sync::watch::Receiver<i64>,
     /// The active peers, when replication is on.
     pub replication: Option<crate::actors::peers::ActivePeers>,
+    /// The terms of service in force.
+    pub terms: crate::terms::SharedTerms,
 }
 
 /// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`
@@ -69,6 +72,7 @@ pub fn cors_headers() -> DefaultHeaders {
 pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
     status::configure(cfg, config);
     pubkey::configure(cfg, config);
+    terms::configure(cfg);
     if config.general.enable_v1_access {
         lookup::configure_v1(cfg);
     }

@@ -11,4 +11,5 @@ mod internal_bind;
 mod mesh;
 mod sydent_db;
 mod sydent_interop;
+mod terms;
 mod vectors;
