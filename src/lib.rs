@@ -16,6 +16,7 @@
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
 //! - [`terms`]: the terms of service (`terms.path`), loaded at start and on SIGHUP.
+pub mod accounts;
 pub mod actors;
 pub mod association;
 pub mod config;

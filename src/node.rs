@@ -12,11 +12,13 @@ use actix_web::dev::ServerHandle;
 use actix_web::middleware::{Condition, Logger};
 use actix_web::{web, App, HttpServer};
 
+use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
+use crate::homeserver::HomeserverClient;
 use crate::http::{self, AppState};
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
@@ -206,7 +208,7 @@ impl Node {
             config.crypto.signing_key.clone(),
         );
         let opening = std::time::Instant::now();
-        let (conn, pepper, index, ephemeral_keys, max_local, checkpoint_conn) =
+        let (conn, pepper, index, ephemeral_keys, max_local, checkpoint_conn, account_rows) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
                 let casefolded =
@@ -261,6 +263,20 @@ impl Node {
                         source,
                     }
                 })?;
+                let account_rows = db::accounts::hash_stored_tokens(&mut conn)
+                    .and_then(|hashed| {
+                        if hashed > 0 {
+                            let n = hashed;
+                            log::warn!(
+                                "database {db_file}: {n} access tokens Sydent stored in plaintext are now stored hashed"
+                            );
+                        }
+                        db::accounts::load_all(&mut conn)
+                    })
+                    .map_err(|source| db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    })?;
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
@@ -268,6 +284,7 @@ impl Node {
                     ephemeral,
                     max_local,
                     checkpoint_conn,
+                    account_rows,
                 ))
             })
             .await
@@ -348,6 +365,10 @@ impl Node {
             local_id: local_id.clone(),
             replication: tls.as_ref().map(|_| active_peers.clone()),
             terms: terms.clone(),
+            accounts: Accounts::from_rows(account_rows),
+            homeserver: Arc::new(
+                HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?,
+            ),
         });
 
         let client_addr = listeners

@@ -22,6 +22,7 @@ use diesel::SqliteConnection;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
+use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{decode_base64, lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
@@ -134,6 +135,13 @@ pub struct ApplyReplicated {
     pub items: Vec<Replicated>,
 }
 
+/// A write to the v2 account tables (the store is the database's single writer). Answers
+/// whether it changed anything (a logout of an unknown token does not); the caller mirrors it
+/// into `crate::accounts::Accounts` once it is committed.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct WriteAccount(pub AccountWrite);
+
 /// Sent by `Node::stop`: answers once every write received before it has been committed.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -198,6 +206,7 @@ enum Write {
     Bind(PreparedBind, oneshot::Sender<Result<Arc<str>, StoreError>>),
     Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
     Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
+    Account(AccountWrite, oneshot::Sender<Result<bool, StoreError>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -219,6 +228,7 @@ enum Applied {
         /// (medium, address, tombstone origin id)
         removed: Vec<(String, String, i64)>,
     },
+    Account(bool),
     Nothing,
 }
 
@@ -411,6 +421,9 @@ fn finish_batch(
                     _ => 0,
                 }));
             }
+            Write::Account(_, reply) => {
+                let _ = reply.send(result.map(|a| matches!(a, Applied::Account(true))));
+            }
             Write::Flush(reply) => {
                 let _ = reply.send(());
             }
@@ -479,6 +492,15 @@ impl Handler<ApplyReplicated> for AssociationStore {
 
     fn handle(&mut self, msg: ApplyReplicated, ctx: &mut Context<Self>) -> Self::Result {
         let rx = self.enqueue(ctx, |tx| Write::Replicated(msg, tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
+    }
+}
+
+impl Handler<WriteAccount> for AssociationStore {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, msg: WriteAccount, ctx: &mut Context<Self>) -> Self::Result {
+        let rx = self.enqueue(ctx, |tx| Write::Account(msg.0, tx));
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Stopped)) })
     }
 }
@@ -554,8 +576,31 @@ fn apply(
         Write::Bind(bind, _) => apply_bind(conn, ctx, bind),
         Write::Unbind(unbind, _) => apply_unbind(conn, ctx, unbind, now),
         Write::Replicated(batch, _) => apply_replicated(conn, ctx, batch),
+        Write::Account(write, _) => apply_account(conn, write, now),
         Write::Flush(_) => Ok(Applied::Nothing),
     }
+}
+
+fn apply_account(
+    conn: &mut SqliteConnection,
+    write: &AccountWrite,
+    now: i64,
+) -> Result<Applied, StoreError> {
+    use crate::db::accounts;
+    let changed = match write {
+        AccountWrite::Register {
+            user_id,
+            stored_token,
+        } => accounts::register(conn, user_id, stored_token, now).map(|()| true)?,
+        AccountWrite::Logout { stored_token } => accounts::logout(conn, stored_token)?,
+        AccountWrite::AcceptTerms {
+            user_id,
+            urls,
+            consent_version,
+        } => accounts::accept_terms(conn, user_id, urls, consent_version.as_deref())
+            .map(|()| true)?,
+    };
+    Ok(Applied::Account(changed))
 }
 
 fn apply_bind(

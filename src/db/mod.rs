@@ -4,6 +4,7 @@
 //! lookup index (loading, and its reads while it warms up) call into this module; HTTP code
 //! never does.
 
+pub mod accounts;
 pub mod casefold;
 mod open;
 pub mod queries;

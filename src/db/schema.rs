@@ -77,6 +77,30 @@ diesel::table! {
 }
 
 diesel::table! {
+    accounts (user_id) {
+        user_id -> Text,
+        created_ts -> BigInt,
+        consent_version -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// sydent-rs stores `sha256:<hex>` of each access token, never the token (Sydent stores
+    /// them as they are; `crate::db::accounts::hash_stored_tokens` converts those at start).
+    tokens (token) {
+        token -> Text,
+        user_id -> Text,
+    }
+}
+
+diesel::table! {
+    accepted_terms_urls (user_id, url) {
+        user_id -> Text,
+        url -> Text,
+    }
+}
+
+diesel::table! {
     /// sydent-rs: per origin, the highest `originId` applied from its pushes.
     replication_origin_marks (origin_server) {
         origin_server -> Text,

@@ -49,6 +49,23 @@ pub enum ApiError {
     /// 409 `M_ORIGIN_IDS_RESTARTED`: a peer's ids started again below what was applied from it.
     #[error("{0}")]
     OriginIdsRestarted(String),
+    /// 401 `M_UNAUTHORIZED`: no access token (v2).
+    #[error("Unauthorized")]
+    NoToken,
+    /// 401 `M_UNKNOWN_TOKEN`: an access token this node does not know (or one the homeserver
+    /// did not accept, at registration).
+    #[error("{0}")]
+    UnknownToken(String),
+    /// 403 `M_TERMS_NOT_SIGNED`: the account has not accepted the terms in force.
+    #[error("Terms not signed")]
+    TermsNotSigned,
+    /// 403 `M_UNAUTHORIZED`: e.g. a homeserver outside `homeserver_allow_list`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 500 `M_UNKNOWN` whose message is sent: a homeserver could not be reached or answered
+    /// nonsense (what Sydent answers too, with the same kind of message).
+    #[error("{0}")]
+    Homeserver(String),
     /// 500 `M_UNKNOWN`; the cause is logged, not sent.
     #[error("Internal server error")]
     Internal(String),
@@ -67,7 +84,10 @@ impl ApiError {
             Self::VerificationFailed(_) => "M_VERIFICATION_FAILED",
             Self::InvalidAssociations(..) => "M_INVALID_PARAM",
             Self::OriginIdsRestarted(_) => "M_ORIGIN_IDS_RESTARTED",
-            Self::Internal(_) => "M_UNKNOWN",
+            Self::Internal(_) | Self::Homeserver(_) => "M_UNKNOWN",
+            Self::NoToken | Self::Forbidden(_) => "M_UNAUTHORIZED",
+            Self::UnknownToken(_) => "M_UNKNOWN_TOKEN",
+            Self::TermsNotSigned => "M_TERMS_NOT_SIGNED",
         }
     }
 }
@@ -84,15 +104,21 @@ impl ResponseError for ApiError {
             | Self::VerificationFailed(_)
             | Self::InvalidAssociations(..) => StatusCode::BAD_REQUEST,
             Self::OriginIdsRestarted(_) => StatusCode::CONFLICT,
-            Self::UnknownPeer(_) => StatusCode::FORBIDDEN,
+            Self::UnknownPeer(_) | Self::TermsNotSigned | Self::Forbidden(_) => {
+                StatusCode::FORBIDDEN
+            }
+            Self::NoToken | Self::UnknownToken(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::Homeserver(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         if let Self::Internal(cause) = self {
             log::error!("internal error: {cause}");
+        }
+        if let Self::Homeserver(cause) = self {
+            log::warn!("{cause}");
         }
         let mut body = json!({
             "errcode": self.errcode(),

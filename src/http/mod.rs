@@ -7,6 +7,7 @@
 //! - `status.rs`: `/versions` and the API roots; `pubkey.rs`: our keys;
 //!   `lookup.rs`: v1 `lookup` and `bulk_lookup`; `internal.rs`: internal bind and unbind.
 
+mod account;
 pub mod error;
 pub mod extract;
 mod internal;
@@ -51,6 +52,10 @@ pub struct AppState {
     pub replication: Option<crate::actors::peers::ActivePeers>,
     /// The terms of service in force.
     pub terms: crate::terms::SharedTerms,
+    /// v2 accounts and their tokens, in memory.
+    pub accounts: crate::accounts::Accounts,
+    /// The client for homeservers (OpenID userinfo, later onbind and key fetches).
+    pub homeserver: Arc<crate::homeserver::HomeserverClient>,
 }
 
 /// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`
@@ -73,6 +78,7 @@ pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
     status::configure(cfg, config);
     pubkey::configure(cfg, config);
     terms::configure(cfg);
+    account::configure(cfg);
     if config.general.enable_v1_access {
         lookup::configure_v1(cfg);
     }

@@ -15,14 +15,16 @@ use crate::mesh::harness::TestCa;
 
 /// A homeserver stand-in: HTTPS on a loopback port with a certificate for `names`; records the
 /// Host header of each userinfo request. The well-known file delegates to `localhost:<port>`.
-struct FakeHomeserver {
-    port: u16,
-    hosts: Arc<Mutex<Vec<String>>>,
+/// `openid/userinfo` knows two OpenID tokens: `good` is `@alice:<the Host header>`, `evil` is a
+/// user of another server; any other is 401 `M_UNKNOWN_TOKEN`.
+pub struct FakeHomeserver {
+    pub port: u16,
+    pub hosts: Arc<Mutex<Vec<String>>>,
     handle: actix_web::dev::ServerHandle,
 }
 
 impl FakeHomeserver {
-    fn start(ca: &TestCa, names: &[&str]) -> Self {
+    pub fn start(ca: &TestCa, names: &[&str]) -> Self {
         let (cert_pem, key_pem) = ca.cert_for(names[0], names);
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -67,9 +69,16 @@ impl FakeHomeserver {
                                             .and_then(|h| h.to_str().ok())
                                             .unwrap_or_default()
                                             .to_string();
-                                        hosts.lock().unwrap().push(host);
-                                        HttpResponse::Ok()
-                                            .json(serde_json::json!({"sub": "@alice:localhost"}))
+                                        hosts.lock().unwrap().push(host.clone());
+                                        match req.query_string() {
+                                            "access_token=good" => HttpResponse::Ok()
+                                                .json(serde_json::json!({"sub": format!("@alice:{host}")})),
+                                            "access_token=evil" => HttpResponse::Ok()
+                                                .json(serde_json::json!({"sub": "@mallory:evil.example"})),
+                                            _ => HttpResponse::Unauthorized().json(serde_json::json!(
+                                                {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token"}
+                                            )),
+                                        }
                                     }
                                 }),
                             )
@@ -114,7 +123,7 @@ fn client(ca: &TestCa, whitelist: &[&str], well_known_port: u16) -> HomeserverCl
         .unwrap()
 }
 
-const USERINFO: &str = "/_matrix/federation/v1/openid/userinfo?access_token=abc";
+const USERINFO: &str = "/_matrix/federation/v1/openid/userinfo?access_token=good";
 
 #[tokio::test]
 async fn loopback_homeservers_are_refused_unless_whitelisted() {
@@ -142,7 +151,7 @@ async fn loopback_homeservers_are_refused_unless_whitelisted() {
     let answer = allowed.get(&name, USERINFO, 5 * 1024).await.unwrap();
     assert_eq!(answer.status, 200);
     let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
-    assert_eq!(body["sub"], "@alice:localhost");
+    assert_eq!(body["sub"], format!("@alice:{name}"));
     assert_eq!(hs.hosts.lock().unwrap().as_slice(), [name.as_str()]);
 }
 

@@ -4,9 +4,10 @@
 
 mod harness;
 
+mod account;
 mod config_start;
 mod errors;
-mod homeserver;
+pub mod homeserver;
 mod internal_bind;
 mod mesh;
 mod sydent_db;
