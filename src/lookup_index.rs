@@ -16,6 +16,11 @@
 //! signature (and, for a peer's binding, this node's countersignature, added when it was
 //! received), so only those 64-byte signatures are kept and the JSON is written again on
 //! lookup, byte for byte what was signed. Anything else is kept whole.
+//!
+//! v2 lookups come as `sha256("<address> <medium> <pepper>")`: a second table maps each 3PID's
+//! hash to its chain. It keeps 4 bytes of the hash (its table hash, so growing the table hashes
+//! nothing again) and the chain's first record; a candidate is confirmed by hashing that
+//! record's 3PID, about once per lookup.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +31,7 @@ use hashbrown::HashTable;
 use serde::Deserialize;
 
 use crate::association::BINDING_LIFETIME_MS;
-use crate::crypto::{decode_base64, encode_base64};
+use crate::crypto::{decode_base64, encode_base64, lookup_hash_bytes};
 use crate::db::GlobalRow;
 use crate::types::{Medium, Threepid};
 
@@ -100,6 +105,10 @@ pub struct LookupIndex {
     /// This node's server name: its signature on a peer's association is a countersignature.
     own_name: Arc<str>,
     heads: HashTable<u32>,
+    /// (the first 4 bytes of the 3PID's lookup hash, its chain's first record)
+    hashed: HashTable<(u32, u32)>,
+    /// The node's lookup pepper (fixed for the life of its database).
+    pepper: Arc<str>,
     records: Vec<Record>,
     free: u32,
     text: Vec<u8>,
@@ -111,11 +120,14 @@ pub struct LookupIndex {
 }
 
 impl LookupIndex {
-    /// An empty index for a node named `own_name`, with room for `capacity` bindings.
-    pub fn new(own_name: &str, capacity: usize) -> Self {
+    /// An empty index for a node named `own_name` with lookup pepper `pepper`, with room for
+    /// `capacity` bindings.
+    pub fn new(own_name: &str, pepper: &str, capacity: usize) -> Self {
         Self {
             own_name: own_name.into(),
             heads: HashTable::with_capacity(capacity),
+            hashed: HashTable::with_capacity(capacity),
+            pepper: pepper.into(),
             records: Vec::with_capacity(capacity),
             free: NONE,
             text: Vec::with_capacity(capacity * 48),
@@ -128,9 +140,13 @@ impl LookupIndex {
     }
 
     /// Every binding of the global table, read through `conn`.
-    pub fn load(conn: &mut diesel::SqliteConnection, own_name: &str) -> diesel::QueryResult<Self> {
+    pub fn load(
+        conn: &mut diesel::SqliteConnection,
+        own_name: &str,
+        pepper: &str,
+    ) -> diesel::QueryResult<Self> {
         let expected = crate::db::queries::count_global(conn)?;
-        let mut index = Self::new(own_name, expected);
+        let mut index = Self::new(own_name, pepper, expected);
         crate::db::queries::for_each_global(conn, |row| index.insert(row, Signatures::FromRow))?;
         index.shrink_to_fit();
         Ok(index)
@@ -144,6 +160,25 @@ impl LookupIndex {
         let (records, text) = (&self.records, &self.text);
         self.heads
             .shrink_to_fit(|&i| hash_of(hasher, &records[i as usize], text));
+        self.hashed.shrink_to_fit(|&(tag, _)| spread(tag));
+    }
+
+    /// The lookup hash of a 3PID (medium and lookup key).
+    fn digest(&self, medium: Medium, key: &str) -> [u8; 32] {
+        lookup_hash_bytes(key, medium.as_str(), &self.pepper)
+    }
+
+    /// The first record of the 3PID whose lookup hash is `digest`.
+    fn hashed_head(&self, digest: &[u8; 32]) -> Option<u32> {
+        let tag = tag_of(digest);
+        self.hashed
+            .find(spread(tag), |&(t, head)| {
+                t == tag && {
+                    let record = &self.records[head as usize];
+                    self.digest(record.medium, self.key_of(record)) == *digest
+                }
+            })
+            .map(|&(_, head)| head)
     }
 
     fn origin_number(&mut self, origin: &str) -> u16 {
@@ -243,6 +278,9 @@ impl LookupIndex {
                 self.heads.insert_unique(hash, index, |&i| {
                     hash_of(hasher, &records[i as usize], text)
                 });
+                let tag = tag_of(&self.digest(medium, &key));
+                self.hashed
+                    .insert_unique(spread(tag), (tag, index), |&(t, _)| spread(t));
                 self.threepids += 1;
             }
             (Some(_), previous) => self.records[previous as usize].next = index,
@@ -287,6 +325,17 @@ impl LookupIndex {
                 self.threepids -= 1;
             } else {
                 *entry.into_mut() = next;
+            }
+        }
+        let tag = tag_of(&self.digest(medium, key));
+        if let Ok(entry) = self
+            .hashed
+            .find_entry(spread(tag), |&(t, head)| t == tag && head == first)
+        {
+            if next == NONE {
+                entry.remove();
+            } else {
+                entry.into_mut().1 = next;
             }
         }
     }
@@ -406,7 +455,18 @@ impl LookupIndex {
     /// The binding lookups answer: the valid one with the newest `ts`.
     pub fn get(&self, medium: Medium, address: &str, now_ms: i64) -> Option<Found<'_>> {
         let key = Threepid::lookup_key(medium, address);
-        self.chain(self.head(medium, &key))
+        self.best(self.head(medium, &key), now_ms)
+    }
+
+    /// [`Self::get`] by the 3PID's lookup hash (a v2 `sha256` lookup).
+    pub fn get_hashed(&self, digest: &[u8; 32], now_ms: i64) -> Option<Found<'_>> {
+        self.best(self.hashed_head(digest), now_ms)
+    }
+
+    /// The valid binding with the newest `ts` in the chain starting at `head` (then the
+    /// highest origin id and origin name, so every node picks the same one).
+    fn best(&self, head: Option<u32>, now_ms: i64) -> Option<Found<'_>> {
+        self.chain(head)
             .filter(|r| {
                 // Inclusive start: a lookup in the same millisecond as the bind must see it.
                 let extra = r.extra.as_deref();
@@ -443,6 +503,17 @@ impl LookupIndex {
     pub fn is_empty(&self) -> bool {
         self.threepids == 0
     }
+}
+
+/// The part of a lookup hash the hashed table keeps.
+fn tag_of(digest: &[u8; 32]) -> u32 {
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// A table hash from a tag: its bits spread over all 64 (SHA-256 output is uniform already;
+/// the table wants its top bits to differ too).
+fn spread(tag: u32) -> u64 {
+    u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 fn hash_of(hasher: &RandomState, record: &Record, text: &[u8]) -> u64 {
@@ -553,6 +624,8 @@ impl LookupIndex {
     }
 }
 
+// One per node, read on every lookup: not boxed, which would add a pointer chase to each.
+#[allow(clippy::large_enum_variant)]
 enum State {
     /// Being loaded from a snapshot taken before the store's first write; what the store
     /// commits meanwhile waits here and is applied on top of the snapshot.
@@ -577,6 +650,7 @@ pub enum WarmUpError {
 pub struct WarmUpReads {
     db_file: String,
     own_name: Arc<str>,
+    pepper: Arc<str>,
     /// Idle connections. A mutex, not an actor: it is held only to take or put back one
     /// connection, never across a query, and only during the seconds of a warm-up.
     idle: std::sync::Mutex<Vec<diesel::SqliteConnection>>,
@@ -585,20 +659,39 @@ pub struct WarmUpReads {
 impl WarmUpReads {
     /// An index of just these 3PIDs' rows, read from the database now.
     fn read(&self, threepids: &[(Medium, String)]) -> Result<LookupIndex, crate::db::OpenError> {
+        self.index_of(|conn| {
+            let mut rows = Vec::new();
+            for (medium, address) in threepids {
+                let key = Threepid::lookup_key(*medium, address);
+                rows.extend(crate::db::queries::global_for(conn, medium.as_str(), &key)?);
+            }
+            Ok(rows)
+        })
+    }
+
+    /// An index of the rows whose stored `lookup_hash` is one of `digests`.
+    fn read_hashed(&self, digests: &[[u8; 32]]) -> Result<LookupIndex, crate::db::OpenError> {
+        let hashes: Vec<String> = digests
+            .iter()
+            .map(crate::crypto::encode_base64_urlsafe)
+            .collect();
+        self.index_of(|conn| crate::db::queries::global_by_lookup_hash(conn, &hashes))
+    }
+
+    /// An index of the rows `query` reads, on one of the idle connections (or a new one).
+    fn index_of(
+        &self,
+        query: impl FnOnce(&mut diesel::SqliteConnection) -> diesel::QueryResult<Vec<GlobalRow>>,
+    ) -> Result<LookupIndex, crate::db::OpenError> {
         let taken = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = crate::db::kept_or_connect(taken, &self.db_file)?;
-        let mut index = LookupIndex::new(&self.own_name, threepids.len());
-        for (medium, address) in threepids {
-            let key = Threepid::lookup_key(*medium, address);
-            let rows = crate::db::queries::global_for(&mut conn, medium.as_str(), &key).map_err(
-                |source| crate::db::OpenError::Query {
-                    path: self.db_file.clone(),
-                    source,
-                },
-            )?;
-            for row in rows {
-                index.insert(row, Signatures::FromRow);
-            }
+        let rows = query(&mut conn).map_err(|source| crate::db::OpenError::Query {
+            path: self.db_file.clone(),
+            source,
+        })?;
+        let mut index = LookupIndex::new(&self.own_name, &self.pepper, rows.len());
+        for row in rows {
+            index.insert(row, Signatures::FromRow);
         }
         self.idle
             .lock()
@@ -634,10 +727,11 @@ impl SharedIndex {
     }
 
     /// An index whose loader has taken its snapshot of `db_file` and is still reading it.
-    pub fn warming(db_file: &str, own_name: &str) -> Self {
+    pub fn warming(db_file: &str, own_name: &str, pepper: &str) -> Self {
         let source = Arc::new(WarmUpReads {
             db_file: db_file.into(),
             own_name: own_name.into(),
+            pepper: pepper.into(),
             idle: std::sync::Mutex::new(Vec::new()),
         });
         Self(Arc::new(RwLock::new(State::Warming {
@@ -654,15 +748,17 @@ impl SharedIndex {
         delay: std::time::Duration,
     ) -> std::io::Result<()> {
         let shared = self.clone();
-        let own_name = match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
-            State::Warming { source, .. } => Arc::clone(&source.own_name),
+        let (own_name, pepper) = match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Warming { source, .. } => {
+                (Arc::clone(&source.own_name), Arc::clone(&source.pepper))
+            }
             State::Ready(_) => return Ok(()),
         };
         std::thread::Builder::new()
             .name("index-load".into())
             .spawn(move || {
                 let started = std::time::Instant::now();
-                match LookupIndex::load(snapshot.conn(), &own_name) {
+                match LookupIndex::load(snapshot.conn(), &own_name, &pepper) {
                     Ok(index) => {
                         drop(snapshot);
                         std::thread::sleep(delay);
@@ -731,6 +827,25 @@ impl SharedIndex {
         .map_err(WarmUpError::Db)
     }
 
+    /// [`Self::lookup`] by lookup hashes (v2 `sha256` lookups); while the index warms up, on
+    /// an index of the rows whose stored `lookup_hash` matches.
+    pub async fn lookup_hashed<T: Send + 'static>(
+        &self,
+        digests: Vec<[u8; 32]>,
+        f: impl Fn(&LookupIndex, &[[u8; 32]]) -> T + Send + 'static,
+    ) -> Result<T, WarmUpError> {
+        let source = match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            State::Ready(index) => return Ok(f(index, &digests)),
+            State::Warming { source, .. } => Arc::clone(source),
+        };
+        actix_web::rt::task::spawn_blocking(move || {
+            source.read_hashed(&digests).map(|i| f(&i, &digests))
+        })
+        .await
+        .map_err(|e| WarmUpError::Thread(e.to_string()))?
+        .map_err(WarmUpError::Db)
+    }
+
     /// Applies committed changes (the store only).
     pub(crate) fn apply(&self, changes: Vec<Change>) {
         if changes.is_empty() {
@@ -789,7 +904,7 @@ mod tests {
     fn signed_json_is_kept_compact_and_served_as_signed() {
         let key = NodeSigningKey::generate();
         let r = signed_row("x.org", &key, 1, "a\"b@x.org");
-        let mut index = LookupIndex::new("x.org", 0);
+        let mut index = LookupIndex::new("x.org", "pepper", 0);
         index.insert(r.clone(), Signatures::FromRow);
         let found = index.get(Medium::Email, "a\"b@x.org", 1_001).unwrap();
         assert!(found.record.extra.is_none(), "{:?}", found.record.extra);
@@ -817,7 +932,7 @@ mod tests {
     fn a_peers_binding_keeps_both_signatures() {
         let (peer, ours) = (NodeSigningKey::generate(), NodeSigningKey::generate());
         let mut r = signed_row("a.peer", &peer, 7, "p@x.org");
-        let mut index = LookupIndex::new("z.node", 0);
+        let mut index = LookupIndex::new("z.node", "pepper", 0);
         // Before receivers countersigned: the lookup adds ours.
         index.insert(r.clone(), Signatures::FromRow);
         let found = index.get(Medium::Email, "p@x.org", 1_001).unwrap();
@@ -836,8 +951,54 @@ mod tests {
     }
 
     #[test]
+    fn hashed_lookups_follow_inserts_head_changes_and_removals() {
+        let digest = |address: &str| crate::crypto::lookup_hash_bytes(address, "email", "pepper");
+        let mut index = LookupIndex::new("me", "pepper", 0);
+        index.insert(row("a", 1, "x@y.z", "@a:a", 100), Signatures::FromRow);
+        index.insert(row("b", 1, "x@y.z", "@b:b", 200), Signatures::FromRow);
+        index.insert(row("a", 2, "other@y.z", "@o:a", 100), Signatures::FromRow);
+        // The newest binding wins, as for v1.
+        assert_eq!(
+            index.get_hashed(&digest("x@y.z"), 300).unwrap().mxid(),
+            "@b:b"
+        );
+        assert_eq!(
+            index.get_hashed(&digest("other@y.z"), 300).unwrap().mxid(),
+            "@o:a"
+        );
+        assert!(index.get_hashed(&digest("nobody@y.z"), 300).is_none());
+        // Another pepper, another hash.
+        let foreign = crate::crypto::lookup_hash_bytes("x@y.z", "email", "other pepper");
+        assert!(index.get_hashed(&foreign, 300).is_none());
+        // The chain's first record goes (a's tombstone): the hash now leads to b's.
+        index.remove("a", Medium::Email, "x@y.z", 5);
+        assert_eq!(
+            index.get_hashed(&digest("x@y.z"), 300).unwrap().mxid(),
+            "@b:b"
+        );
+        index.remove("b", Medium::Email, "x@y.z", 5);
+        assert!(index.get_hashed(&digest("x@y.z"), 300).is_none());
+        // Through a growth of the table (no hash is computed again for it).
+        for i in 0..2_000 {
+            index.insert(
+                row("a", 10 + i, &format!("n{i}@y.z"), "@n:a", 100),
+                Signatures::FromRow,
+            );
+        }
+        index.shrink_to_fit();
+        assert_eq!(
+            index.get_hashed(&digest("n1999@y.z"), 300).unwrap().mxid(),
+            "@n:a"
+        );
+        assert_eq!(
+            index.get_hashed(&digest("other@y.z"), 300).unwrap().mxid(),
+            "@o:a"
+        );
+    }
+
+    #[test]
     fn newest_wins_across_origins_and_rebinds_replace() {
-        let mut index = LookupIndex::new("me", 0);
+        let mut index = LookupIndex::new("me", "pepper", 0);
         index.insert(row("a", 1, "x@y.z", "@old:a", 100), Signatures::FromRow);
         index.insert(row("b", 7, "x@y.z", "@b:b", 200), Signatures::FromRow);
         assert_eq!(
@@ -871,7 +1032,7 @@ mod tests {
 
     #[test]
     fn churn_reuses_records_and_compacts_text() {
-        let mut index = LookupIndex::new("me", 0);
+        let mut index = LookupIndex::new("me", "pepper", 0);
         for round in 0..40_000i64 {
             let address = format!("user{}@example.org", round % 1000);
             index.insert(

@@ -240,7 +240,7 @@ impl Node {
                 // write, on a thread of its own: the node serves meanwhile, and what the store
                 // commits is applied on top. `:memory:` cannot be shared: loaded here.
                 let index = if db_file == ":memory:" {
-                    let index = LookupIndex::load(&mut conn, &server_name).map_err(|source| {
+                    let index = LookupIndex::load(&mut conn, &server_name, &pepper).map_err(|source| {
                         db::OpenError::Query {
                             path: db_file.clone(),
                             source,
@@ -297,7 +297,8 @@ impl Node {
         let index = match index {
             Warm::Loaded(index) => SharedIndex::new(index),
             Warm::Snapshot(snapshot) => {
-                let index = SharedIndex::warming(&config.db.db_file, &config.general.server_name);
+                let index =
+                    SharedIndex::warming(&config.db.db_file, &config.general.server_name, &pepper);
                 let delay = std::env::var("SYDENT_RS_TEST_WARM_UP_DELAY_MS")
                     .ok()
                     .and_then(|ms| ms.parse().ok())

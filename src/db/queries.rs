@@ -87,6 +87,24 @@ pub fn global_for(
         .load(conn)
 }
 
+/// Every row whose `lookup_hash` is one of `hashes` (v2 lookups while the index warms up).
+pub fn global_by_lookup_hash(
+    conn: &mut SqliteConnection,
+    hashes: &[String],
+) -> QueryResult<Vec<GlobalRow>> {
+    let mut rows = Vec::new();
+    // SQLite binds at most 32,766 parameters a statement.
+    for chunk in hashes.chunks(10_000) {
+        rows.extend(
+            global::table
+                .filter(global::lookup_hash.eq_any(chunk))
+                .select(GlobalRow::as_select())
+                .load(conn)?,
+        );
+    }
+    Ok(rows)
+}
+
 // One origin's rows for one 3PID. `+originServer` makes SQLite use the (medium, address)
 // index: left to itself it walks every row of the origin through (originServer, originId),
 // and a bind's cost grew with the table.

@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 409 `M_ORIGIN_IDS_RESTARTED`: a peer's ids started again below what was applied from it.
     #[error("{0}")]
     OriginIdsRestarted(String),
+    /// 400 `M_INVALID_PEPPER` on a v2 lookup, with the algorithm and pepper to use.
+    #[error("Unknown or invalid pepper - has it been rotated?")]
+    InvalidPepper { lookup_pepper: String },
     /// 401 `M_UNAUTHORIZED`: no access token (v2).
     #[error("Unauthorized")]
     NoToken,
@@ -88,6 +91,7 @@ impl ApiError {
             Self::NoToken | Self::Forbidden(_) => "M_UNAUTHORIZED",
             Self::UnknownToken(_) => "M_UNKNOWN_TOKEN",
             Self::TermsNotSigned => "M_TERMS_NOT_SIGNED",
+            Self::InvalidPepper { .. } => "M_INVALID_PEPPER",
         }
     }
 }
@@ -102,6 +106,7 @@ impl ResponseError for ApiError {
             | Self::InvalidParam(_)
             | Self::TooMany(_)
             | Self::VerificationFailed(_)
+            | Self::InvalidPepper { .. }
             | Self::InvalidAssociations(..) => StatusCode::BAD_REQUEST,
             Self::OriginIdsRestarted(_) => StatusCode::CONFLICT,
             Self::UnknownPeer(_) | Self::TermsNotSigned | Self::Forbidden(_) => {
@@ -126,6 +131,10 @@ impl ResponseError for ApiError {
         });
         if let Self::VerificationFailed(ids) | Self::InvalidAssociations(_, ids) = self {
             body["failed_ids"] = json!(ids);
+        }
+        if let Self::InvalidPepper { lookup_pepper } = self {
+            body["algorithm"] = json!("sha256");
+            body["lookup_pepper"] = json!(lookup_pepper);
         }
         HttpResponse::build(self.status_code()).json(body)
     }

@@ -1,5 +1,7 @@
-//! Legacy v1 lookups, answered from the in-memory index: `lookup` (one 3PID, the signed
-//! association) and `bulk_lookup` (many 3PIDs, only the matches).
+//! Lookups, answered from the in-memory index: legacy v1 `lookup` (one 3PID, the signed
+//! association) and `bulk_lookup` (many 3PIDs, only the matches), and v2 `hash_details` and
+//! `lookup` (by `sha256` hash or, with algorithm `none`, by `"<address> <medium>"`), which need
+//! an account (and the terms, when there are terms).
 
 use std::collections::BTreeSet;
 
@@ -7,15 +9,134 @@ use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Map, Value};
 
+use super::account::{require_terms, Authed};
 use super::error::ApiError;
 use super::extract::Args;
-use super::{resource, AppState, V1_PREFIX};
-use crate::crypto::sign_json;
+use super::{resource, AppState, V1_PREFIX, V2_PREFIX};
+use crate::crypto::{decode_base64, sign_json};
 use crate::types::{InvalidValue, Medium};
 
 pub fn configure_v1(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(&format!("{V1_PREFIX}/lookup")).route(web::get().to(lookup)))
         .service(resource(&format!("{V1_PREFIX}/bulk_lookup")).route(web::post().to(bulk_lookup)));
+}
+
+pub fn configure_v2(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource(&format!("{V2_PREFIX}/hash_details")).route(web::get().to(hash_details)))
+        .service(resource(&format!("{V2_PREFIX}/lookup")).route(web::post().to(lookup_v2)));
+}
+
+/// GET /_matrix/identity/v2/hash_details
+async fn hash_details(
+    state: web::Data<AppState>,
+    Authed(account): Authed,
+) -> Result<HttpResponse, ApiError> {
+    require_terms(&state, &account)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "algorithms": ["none", "sha256"],
+        "lookup_pepper": state.store_ctx.pepper,
+    })))
+}
+
+/// POST /_matrix/identity/v2/lookup `{"addresses", "algorithm", "pepper"}`
+///
+/// Answers `{"mappings": {<address as asked>: mxid}}` for the bound ones: the newest valid
+/// binding of each 3PID (Sydent answers the alphabetically greatest Matrix ID).
+async fn lookup_v2(
+    state: web::Data<AppState>,
+    Authed(account): Authed,
+    args: Args,
+) -> Result<HttpResponse, ApiError> {
+    require_terms(&state, &account)?;
+    let missing: Vec<String> = ["addresses", "algorithm", "pepper"]
+        .into_iter()
+        .filter(|name| args.0.get(*name).is_none_or(Value::is_null))
+        .map(str::to_string)
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::MissingParams(missing));
+    }
+    let [algorithm, pepper] = args.strings(["algorithm", "pepper"])?;
+    if algorithm != "sha256" && algorithm != "none" {
+        return Err(ApiError::InvalidParam(format!(
+            "algorithm '{algorithm}' is not supported: sha256 or none"
+        )));
+    }
+    if pepper != state.store_ctx.pepper {
+        return Err(ApiError::InvalidPepper {
+            lookup_pepper: state.store_ctx.pepper.clone(),
+        });
+    }
+    let addresses: Vec<String> = args
+        .value("addresses")?
+        .as_array()
+        .and_then(|items| {
+            items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| ApiError::InvalidParam("addresses must be a list of strings".into()))?;
+    let limit = state.config.general.address_lookup_limit;
+    if addresses.len() > limit {
+        return Err(ApiError::TooMany(format!(
+            "More than the maximum of {limit} addresses in one request"
+        )));
+    }
+    let now = crate::now_ms();
+    let mappings: Map<String, Value> = if algorithm == "sha256" {
+        // A string that is no hash of ours matches nothing.
+        let (asked, digests): (Vec<String>, Vec<[u8; 32]>) = addresses
+            .into_iter()
+            .filter_map(|hash| {
+                let digest: [u8; 32] = decode_base64(&hash)?.try_into().ok()?;
+                Some((hash, digest))
+            })
+            .unzip();
+        let mxids = state
+            .index
+            .lookup_hashed(digests, move |index, digests| {
+                digests
+                    .iter()
+                    .map(|d| index.get_hashed(d, now).map(|b| b.mxid().to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        asked
+            .into_iter()
+            .zip(mxids)
+            .filter_map(|(hash, mxid)| Some((hash, Value::String(mxid?))))
+            .collect()
+    } else {
+        // "<address> <medium>"; the medium follows the last space.
+        let (asked, queries): (Vec<String>, Vec<(Medium, String)>) = addresses
+            .into_iter()
+            .filter_map(|entry| {
+                let (address, medium) = entry.rsplit_once(' ')?;
+                let query = (Medium::parse(medium)?, address.to_owned());
+                Some((entry, query))
+            })
+            .unzip();
+        let mxids = state
+            .index
+            .lookup(queries, move |index, asked| {
+                asked
+                    .iter()
+                    .map(|(medium, address)| {
+                        index
+                            .get(*medium, address, now)
+                            .map(|b| b.mxid().to_owned())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        asked
+            .into_iter()
+            .zip(mxids)
+            .filter_map(|(entry, mxid)| Some((entry, Value::String(mxid?))))
+            .collect()
+    };
+    Ok(HttpResponse::Ok().json(json!({ "mappings": mappings })))
 }
 
 fn parse_medium(medium: &str) -> Result<Medium, ApiError> {

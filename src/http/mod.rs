@@ -79,6 +79,7 @@ pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
     pubkey::configure(cfg, config);
     terms::configure(cfg);
     account::configure(cfg);
+    lookup::configure_v2(cfg);
     if config.general.enable_v1_access {
         lookup::configure_v1(cfg);
     }

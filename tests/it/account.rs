@@ -17,9 +17,21 @@ const TERMS: &str = "master_version: v1\ndocs:\n  tos:\n    version: '1.0'\n    
 /// A node trusting `ca` for homeservers, with loopback whitelisted unless `whitelist` is false,
 /// and `terms` when given.
 fn start_node(dir: &Path, ca: &TestCa, whitelist: bool, terms: Option<&str>) -> TestNode {
+    start_node_with(dir, ca, whitelist, terms, "", &[])
+}
+
+/// [`start_node`] with more `[general]` lines and environment variables.
+pub fn start_node_with(
+    dir: &Path,
+    ca: &TestCa,
+    whitelist: bool,
+    terms: Option<&str>,
+    more_general: &str,
+    env: &[(&str, &str)],
+) -> TestNode {
     let ca_file = dir.join("hs-ca.pem");
     std::fs::write(&ca_file, &ca.cert_pem).unwrap();
-    let mut general = String::from("[general]\n");
+    let mut general = format!("[general]\n{more_general}");
     if whitelist {
         general.push_str("ip.whitelist = 127.0.0.0/8, ::1/128\n");
     }
@@ -38,23 +50,24 @@ fn start_node(dir: &Path, ca: &TestCa, whitelist: bool, terms: Option<&str>) -> 
             .arg("--config")
             .arg(&config_path)
             .env("SSL_CERT_FILE", &ca_file)
-            .env_remove("SSL_CERT_DIR"),
+            .env_remove("SSL_CERT_DIR")
+            .envs(env.iter().copied()),
     )
     .unwrap_or_else(|e| panic!("node did not start: {e}"))
 }
 
 /// A homeserver stand-in and a node that may reach it.
-struct Rig {
-    ca: TestCa,
-    hs: FakeHomeserver,
+pub struct Rig {
+    pub ca: TestCa,
+    pub hs: FakeHomeserver,
     /// The stand-in's server name, `localhost:<port>`.
-    server: String,
-    dir: tempfile::TempDir,
-    node: TestNode,
+    pub server: String,
+    pub dir: tempfile::TempDir,
+    pub node: TestNode,
 }
 
 impl Rig {
-    fn new(terms: Option<&str>) -> Self {
+    pub fn new(terms: Option<&str>) -> Self {
         let ca = TestCa::new("homeserver CA");
         let hs = FakeHomeserver::start(&ca, &["localhost"]);
         let server = format!("localhost:{}", hs.port);
@@ -70,7 +83,7 @@ impl Rig {
     }
 }
 
-async fn register(node: &TestNode, openid: &str, server: &str) -> (u16, Value) {
+pub async fn register(node: &TestNode, openid: &str, server: &str) -> (u16, Value) {
     node.post(
         "/_matrix/identity/v2/account/register",
         &json!({"access_token": openid, "token_type": "Bearer", "matrix_server_name": server, "expires_in": 3600}),
@@ -79,7 +92,7 @@ async fn register(node: &TestNode, openid: &str, server: &str) -> (u16, Value) {
 }
 
 /// GET with `Authorization: Bearer <token>`, or the token in the query when `in_query`.
-async fn get_authed(
+pub async fn get_authed(
     node: &TestNode,
     path: &str,
     token: Option<&str>,
@@ -99,7 +112,7 @@ async fn get_authed(
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
-async fn post_authed(node: &TestNode, path: &str, token: &str, body: &Value) -> (u16, Value) {
+pub async fn post_authed(node: &TestNode, path: &str, token: &str, body: &Value) -> (u16, Value) {
     let response = client()
         .post(format!("{}{path}", node.client_url))
         .bearer_auth(token)
@@ -120,7 +133,7 @@ async fn logout(node: &TestNode, token: &str) -> (u16, Value) {
     .await
 }
 
-fn assert_error(status: u16, body: &Value, expected_status: u16, errcode: &str) {
+pub fn assert_error(status: u16, body: &Value, expected_status: u16, errcode: &str) {
     assert_eq!(
         (status, body["errcode"].as_str()),
         (expected_status, Some(errcode)),
@@ -224,6 +237,14 @@ async fn terms_gate_the_account_until_every_document_is_accepted() {
     let terms = "/_matrix/identity/v2/terms";
 
     let (status, body) = get_authed(node, account, Some(&token), false).await;
+    assert_error(status, &body, 403, "M_TERMS_NOT_SIGNED");
+    let (status, body) = get_authed(
+        node,
+        "/_matrix/identity/v2/hash_details",
+        Some(&token),
+        true,
+    )
+    .await;
     assert_error(status, &body, 403, "M_TERMS_NOT_SIGNED");
     let (status, body) = post_authed(
         node,

@@ -4,11 +4,12 @@
 
 mod harness;
 
-mod account;
+pub mod account;
 mod config_start;
 mod errors;
 pub mod homeserver;
 mod internal_bind;
+mod lookup_v2;
 mod mesh;
 mod sydent_db;
 mod sydent_interop;
