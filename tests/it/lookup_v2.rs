@@ -99,6 +99,23 @@ async fn hashed_and_plain_lookups_find_the_newest_binding() {
     assert_eq!(body["error"], "Missing parameters: addresses,pepper");
     let (status, body) = lookup(node, "wrong", &json!({})).await;
     assert_error(status, &body, 401, "M_UNKNOWN_TOKEN");
+
+    // Logged out: the same lookup is refused at once.
+    let (status, _) = post_authed(
+        node,
+        "/_matrix/identity/v2/account/logout",
+        &token,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = lookup(
+        node,
+        &token,
+        &json!({"algorithm": "sha256", "pepper": pepper, "addresses": [bob]}),
+    )
+    .await;
+    assert_error(status, &body, 401, "M_UNKNOWN_TOKEN");
 }
 
 #[tokio::test]
