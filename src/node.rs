@@ -290,14 +290,14 @@ impl Node {
             panic_on_bind: std::env::var("SYDENT_RS_TEST_PANIC_ON_BIND").ok(),
         });
         let (failed_tx, failed) = tokio::sync::oneshot::channel();
-        let store = AssociationStore::new(
+        let (store, store_queue) = AssociationStore::new(
             conn,
             Arc::clone(&store_ctx),
             index.clone(),
             local_id_tx,
             failed_tx,
         )
-        .start();
+        .start_with_queue();
         let active_peers = ActivePeers::default();
         let registry = match &tls {
             None => None,
@@ -331,6 +331,7 @@ impl Node {
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
+            store_queue,
             store_ctx,
             index,
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),

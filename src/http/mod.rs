@@ -37,6 +37,8 @@ pub const MAX_BODY_BYTES: usize = 512 * 1024;
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Addr<AssociationStore>,
+    /// Where binds are queued (straight to the store's pending writes).
+    pub store_queue: crate::actors::store::StoreQueue,
     /// What handlers need to prepare a bind (server name, signing key, pepper).
     pub store_ctx: Arc<crate::actors::store::StoreContext>,
     pub index: SharedIndex,
