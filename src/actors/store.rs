@@ -20,11 +20,10 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use diesel::SqliteConnection;
-use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use crate::association::ThreepidAssociation;
-use crate::crypto::{decode_base64, lookup_hash, NodeSigningKey};
+use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::{DbError, GlobalRow};
 use crate::lookup_index::{Change, SharedIndex, Signatures};
@@ -164,17 +163,11 @@ impl PreparedBind {
             ts,
             ..ThreepidAssociation::binding(medium.as_str(), address, mxid.as_str(), now)
         };
-        let signed = assoc.signed(&ctx.server_name, &ctx.signing_key)?;
-        let signature = signed
-            .get("signatures")
-            .and_then(|s| s.get(ctx.server_name.as_str()))
-            .and_then(|s| s.get("ed25519:0"))
-            .and_then(Value::as_str)
-            .and_then(decode_base64)
-            .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok());
+        let (signed, signature) = assoc.signed_text(&ctx.server_name, &ctx.signing_key)?;
         Ok(Self {
-            sg_assoc: Value::Object(signed).to_string().into(),
-            signature,
+            sg_assoc: signed.into(),
+            // The index keeps our signature compactly only under `ed25519:0`.
+            signature: (ctx.signing_key.key_id() == "ed25519:0").then_some(signature),
             hash: lookup_hash(address, medium.as_str(), &ctx.pepper),
             assoc,
         })
