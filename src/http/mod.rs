@@ -67,13 +67,16 @@ pub fn cors_headers() -> DefaultHeaders {
         ))
 }
 
-/// The client API's routes.
+/// The client API's routes. Lookups come first: actix tries resources in the order they
+/// were registered, and each pattern with a variable (`pubkey/{key_id}`, one per API
+/// version) costs a regex run to every request that reaches it (measured: two fifths of a
+/// v1 lookup's instructions when they came before it).
 pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
-    status::configure(cfg, config);
-    pubkey::configure(cfg, config);
     if config.general.enable_v1_access {
         lookup::configure_v1(cfg);
     }
+    status::configure(cfg, config);
+    pubkey::configure(cfg, config);
 }
 
 /// The internal API's routes.
