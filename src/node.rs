@@ -280,7 +280,9 @@ impl Node {
                 index
             }
         };
-        let checkpointer = checkpoint_conn.map(|c| Checkpointer::new(c).start());
+        let written = crate::actors::checkpoint::Written::default();
+        let checkpointer =
+            checkpoint_conn.map(|c| Checkpointer::new(c, Arc::clone(&written)).start());
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
         let store_ctx = Arc::new(StoreContext {
             server_name: config.general.server_name.clone(),
@@ -295,6 +297,7 @@ impl Node {
             Arc::clone(&store_ctx),
             index.clone(),
             local_id_tx,
+            written,
             failed_tx,
         )
         .start_with_queue();

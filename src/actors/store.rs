@@ -22,6 +22,7 @@ use actix::prelude::*;
 use diesel::SqliteConnection;
 use tokio::sync::{oneshot, watch};
 
+use super::checkpoint::Written;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
@@ -290,6 +291,8 @@ pub struct AssociationStore {
     index: SharedIndex,
     /// The newest committed local id: the replication pushers wait on it.
     local_id: Arc<watch::Sender<i64>>,
+    /// Rows committed since the start, for the WAL checkpointer.
+    written: Written,
     /// Told why, should the store stop because it can no longer commit (see [`Self::new`]).
     failed: Option<oneshot::Sender<String>>,
 }
@@ -305,6 +308,7 @@ impl AssociationStore {
         ctx: Arc<StoreContext>,
         index: SharedIndex,
         local_id: watch::Sender<i64>,
+        written: Written,
         failed: oneshot::Sender<String>,
     ) -> Self {
         Self {
@@ -313,6 +317,7 @@ impl AssociationStore {
             ctx,
             index,
             local_id: Arc::new(local_id),
+            written,
             failed: Some(failed),
         }
     }
@@ -343,6 +348,7 @@ impl AssociationStore {
         let store_ctx = Arc::clone(&self.ctx);
         let index = self.index.clone();
         let local_id = Arc::clone(&self.local_id);
+        let written = Arc::clone(&self.written);
         // Commit, update the index and answer the writers all on the blocking thread: the
         // answers do not wait for a hop back to this actor.
         let job = actix_web::rt::task::spawn_blocking(move || loop {
@@ -357,7 +363,7 @@ impl AssociationStore {
                 pending.writes.drain(..take).collect()
             };
             let outcome = commit_batch(&mut conn, &store_ctx, &batch);
-            finish_batch(&index, &store_ctx, &local_id, batch, outcome);
+            finish_batch(&index, &store_ctx, &local_id, &written, batch, outcome);
         });
         ctx.spawn(job.into_actor(self).map(|joined, act, ctx| {
             match joined {
@@ -386,6 +392,7 @@ fn finish_batch(
     index: &SharedIndex,
     ctx: &StoreContext,
     local_id: &watch::Sender<i64>,
+    written: &Written,
     batch: Vec<Write>,
     outcome: Result<Vec<Result<Applied, StoreError>>, DbError>,
 ) {
@@ -446,6 +453,8 @@ fn finish_batch(
             _ => {}
         }
     }
+    // One change per row written (a binding inserted, or an origin's rows for a 3PID removed).
+    written.fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     index.apply(changes);
     // Wake the replication pushers: the rows are committed, so they can read them.
     if let Some(id) = newest_local {
