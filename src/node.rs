@@ -334,7 +334,7 @@ impl Node {
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
-            store_queue,
+            store_queue: store_queue.clone(),
             store_ctx,
             index,
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
@@ -395,7 +395,7 @@ impl Node {
             replication_addr = listener.local_addr().ok();
             let receiver = web::Data::new(http::replication::ReplicationState {
                 peers: active_peers.clone(),
-                store: store.clone(),
+                store: store_queue.clone(),
                 max_clock_skew_ms: i64::try_from(config.http.replication_max_clock_skew_secs)
                     .unwrap_or(i64::MAX / 1000)
                     .saturating_mul(1000),

@@ -1,9 +1,9 @@
 //! The association store: the one owner of writes to `local_threepid_associations` and
 //! `global_threepid_associations`.
 //!
-//! Handlers queue a [`Bind`] (built and signed on the handler's thread) through a
-//! [`StoreQueue`], straight into the pending writes, and send it [`Unbind`]; the replication
-//! receiver sends [`ApplyReplicated`]. Writes that arrive while a transaction is being
+//! Handlers queue a [`Bind`] (built and signed on the handler's thread), and the replication
+//! receiver an [`ApplyReplicated`], through a [`StoreQueue`], straight into the pending
+//! writes; unbinds are sent as [`Unbind`]. Writes that arrive while a transaction is being
 //! committed wait in `pending` and are committed together in the next one (group commit); if
 //! one write of a batch fails, the batch is rolled back and retried write by write, so a
 //! failing write fails alone. The SQLite work runs on a blocking thread (`spawn_blocking`),
@@ -248,14 +248,14 @@ impl Queue {
     }
 }
 
-/// Binds most in the store's queue from the HTTP workers at once; a bind waits for room
-/// beyond them (as a full mailbox made it wait before binds bypassed it).
-const QUEUED_BINDS: usize = MAILBOX_CAPACITY;
+/// Writes most in the store's queue from the HTTP workers at once; a write waits for room
+/// beyond them (as a full mailbox made it wait before they bypassed it).
+const QUEUED_WRITES: usize = MAILBOX_CAPACITY;
 
-/// How the HTTP workers queue binds: straight into the store's pending writes, waking the
-/// actor only when no commit thread is running. A bind through the actor's mailbox woke
-/// the actor's thread for every bind, only for it to push the bind into the same queue
-/// (measured: a tenth of a bind's CPU).
+/// How the HTTP workers queue binds and received pushes: straight into the store's pending
+/// writes, waking the actor only when no commit thread is running. A write through the
+/// actor's mailbox woke the actor's thread every time, only for it to push the write into
+/// the same queue (measured: a tenth of a bind's CPU).
 #[derive(Clone)]
 pub struct StoreQueue {
     pending: Pending,
@@ -266,9 +266,22 @@ pub struct StoreQueue {
 impl StoreQueue {
     /// Commits `bind` with the next batch; answers as the [`Bind`] message does.
     pub async fn bind(&self, bind: Bind) -> Result<Arc<str>, StoreError> {
+        self.submit(|tx| Write::Bind(bind.0, tx)).await
+    }
+
+    /// Applies a verified push with the next batch; answers as the [`ApplyReplicated`]
+    /// message does.
+    pub async fn apply_replicated(&self, push: ApplyReplicated) -> Result<usize, StoreError> {
+        self.submit(|tx| Write::Replicated(push, tx)).await
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Write,
+    ) -> Result<T, StoreError> {
         let _room = self.room.acquire().await.map_err(|_| StoreError::Stopped)?;
         let (tx, rx) = oneshot::channel();
-        let start = lock(&self.pending).push(Write::Bind(bind.0, tx))?;
+        let start = lock(&self.pending).push(make(tx))?;
         if start {
             self.store.do_send(StartCommit);
         }
@@ -330,7 +343,7 @@ impl AssociationStore {
         let queue = StoreQueue {
             pending,
             store: store.clone(),
-            room: Arc::new(tokio::sync::Semaphore::new(QUEUED_BINDS)),
+            room: Arc::new(tokio::sync::Semaphore::new(QUEUED_WRITES)),
         };
         (store, queue)
     }
