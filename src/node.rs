@@ -309,7 +309,9 @@ impl Node {
                 index
             }
         };
-        let checkpointer = checkpoint_conn.map(|c| Checkpointer::new(c).start());
+        let written = crate::actors::checkpoint::Written::default();
+        let checkpointer =
+            checkpoint_conn.map(|c| Checkpointer::new(c, Arc::clone(&written)).start());
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
         let store_ctx = Arc::new(StoreContext {
             server_name: config.general.server_name.clone(),
@@ -319,14 +321,15 @@ impl Node {
             panic_on_bind: std::env::var("SYDENT_RS_TEST_PANIC_ON_BIND").ok(),
         });
         let (failed_tx, failed) = tokio::sync::oneshot::channel();
-        let store = AssociationStore::new(
+        let (store, store_queue) = AssociationStore::new(
             conn,
             Arc::clone(&store_ctx),
             index.clone(),
             local_id_tx,
+            written,
             failed_tx,
         )
-        .start();
+        .start_with_queue();
         let active_peers = ActivePeers::default();
         let registry = match &tls {
             None => None,
@@ -360,6 +363,7 @@ impl Node {
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
+            store_queue: store_queue.clone(),
             store_ctx,
             index,
             ephemeral_keys: Arc::new(std::sync::RwLock::new(ephemeral_keys.into_iter().collect())),
@@ -425,7 +429,7 @@ impl Node {
             replication_addr = listener.local_addr().ok();
             let receiver = web::Data::new(http::replication::ReplicationState {
                 peers: active_peers.clone(),
-                store: store.clone(),
+                store: store_queue.clone(),
                 max_clock_skew_ms: i64::try_from(config.http.replication_max_clock_skew_secs)
                     .unwrap_or(i64::MAX / 1000)
                     .saturating_mul(1000),

@@ -22,6 +22,17 @@ pub fn canonical_json(value: &Value) -> Result<Vec<u8>, CanonicalJsonError> {
     serde_json::to_vec(&Canonical(value)).map_err(|e| CanonicalJsonError(e.to_string()))
 }
 
+/// `n` if canonical JSON may hold it (within ±(2^53−1)).
+pub fn safe_integer(n: i64) -> Result<i64, CanonicalJsonError> {
+    if (-MAX_SAFE_INTEGER..=MAX_SAFE_INTEGER).contains(&n) {
+        Ok(n)
+    } else {
+        Err(CanonicalJsonError(format!(
+            "{n} is not an integer within ±(2^53−1)"
+        )))
+    }
+}
+
 struct Canonical<'a>(&'a Value);
 
 impl Serialize for Canonical<'_> {
@@ -29,10 +40,8 @@ impl Serialize for Canonical<'_> {
         match self.0 {
             Value::Null => serializer.serialize_unit(),
             Value::Bool(b) => serializer.serialize_bool(*b),
-            Value::Number(n) => match n.as_i64() {
-                Some(i) if (-MAX_SAFE_INTEGER..=MAX_SAFE_INTEGER).contains(&i) => {
-                    serializer.serialize_i64(i)
-                }
+            Value::Number(n) => match n.as_i64().map(safe_integer) {
+                Some(Ok(i)) => serializer.serialize_i64(i),
                 _ => Err(S::Error::custom(format!(
                     "{n} is not an integer within ±(2^53−1)"
                 ))),

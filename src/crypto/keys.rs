@@ -93,7 +93,8 @@ impl NodeSigningKey {
         VerifyKey(self.key.verifying_key())
     }
 
-    pub(super) fn sign(&self, message: &[u8]) -> [u8; 64] {
+    /// The raw ed25519 signature of `message` (JSON is signed with [`super::sign_json`]).
+    pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
     }
 }

@@ -13,7 +13,7 @@ mod keys;
 mod sign;
 
 pub use b64::{decode_base64, encode_base64, encode_base64_urlsafe};
-pub use canonical::{canonical_json, CanonicalJsonError};
+pub use canonical::{canonical_json, safe_integer, CanonicalJsonError};
 pub use hash::{lookup_hash, lookup_hash_bytes};
 pub use keys::{KeyError, NodeSigningKey, VerifyKey};
 pub use sign::{sign_json, verify_json, verify_json_batch, SignError};

@@ -24,9 +24,9 @@ fn parse(args: &Args) -> Result<(Threepid, Mxid), ApiError> {
 async fn bind(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
     let (threepid, mxid) = parse(&args)?;
     let signed = state
-        .store
-        .send(Bind::new(&state.store_ctx, &state.index, threepid, mxid)?)
-        .await??;
+        .store_queue
+        .bind(Bind::new(&state.store_ctx, &state.index, threepid, mxid)?)
+        .await?;
     Ok(HttpResponse::Ok()
         .insert_header(actix_web::http::header::ContentType::json())
         .body(signed.to_string()))

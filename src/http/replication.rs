@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use super::error::ApiError;
 use super::{resource, AppState};
 use crate::actors::peers::{ActivePeer, ActivePeers, Refusal};
-use crate::actors::store::{ApplyReplicated, AssociationStore, Replicated};
+use crate::actors::store::{ApplyReplicated, Replicated, StoreQueue};
 use crate::crypto::{sign_json, verify_json_batch, NodeSigningKey};
 use crate::mesh::peers::{Peer, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
@@ -63,7 +63,8 @@ pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
 /// What the replication listener's handlers reach.
 pub struct ReplicationState {
     pub peers: ActivePeers,
-    pub store: actix::Addr<AssociationStore>,
+    /// Where verified pushes are queued for the store's next commit.
+    pub store: StoreQueue,
     /// `[http] replication.max_clock_skew`, in milliseconds.
     pub max_clock_skew_ms: i64,
     /// This node's clock (a parameter so tests of the skew rule can fix time).
@@ -168,11 +169,11 @@ async fn receive(
     if count > 0 {
         let new = state
             .store
-            .send(ApplyReplicated {
+            .apply_replicated(ApplyReplicated {
                 origin: origin.clone(),
                 items,
             })
-            .await?
+            .await
             .inspect_err(|e| log::error!("replication: refused a push from {origin}: {e}"))?;
         log::debug!("replication: {count} associations from {origin}, {new} new");
     }
