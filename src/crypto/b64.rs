@@ -32,9 +32,37 @@ pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// [`decode_base64`] of exactly 32 bytes (a lookup hash), without allocating.
+pub fn decode_base64_32(text: &str) -> Option<[u8; 32]> {
+    // 43 characters unpadded, 44 padded; anything longer is not 32 bytes.
+    if text.len() > 44 {
+        return None;
+    }
+    let mut out = [0u8; 33];
+    let engine = if text.contains(['-', '_']) {
+        &URL_SAFE
+    } else {
+        &STANDARD
+    };
+    let n = engine.decode_slice(text, &mut out).ok()?;
+    (n == 32).then(|| out[..32].try_into().expect("32 bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thirty_two_bytes_decode_in_place() {
+        let bytes = [0xfb_u8; 32];
+        for text in [encode_base64(bytes), encode_base64_urlsafe(bytes)] {
+            assert_eq!(decode_base64_32(&text), Some(bytes));
+            assert_eq!(decode_base64_32(&format!("{text}=")), Some(bytes));
+        }
+        assert_eq!(decode_base64_32(&encode_base64([1u8; 31])), None);
+        assert_eq!(decode_base64_32(&encode_base64([1u8; 33])), None);
+        assert_eq!(decode_base64_32("not base64 at all!"), None);
+    }
 
     #[test]
     fn decodes_both_alphabets_with_and_without_padding() {

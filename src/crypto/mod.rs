@@ -12,7 +12,7 @@ mod hash;
 mod keys;
 mod sign;
 
-pub use b64::{decode_base64, encode_base64, encode_base64_urlsafe};
+pub use b64::{decode_base64, decode_base64_32, encode_base64, encode_base64_urlsafe};
 pub use canonical::{canonical_json, safe_integer, CanonicalJsonError};
 pub use hash::{lookup_hash, lookup_hash_bytes};
 pub use keys::{KeyError, NodeSigningKey, VerifyKey};

@@ -78,6 +78,52 @@ fn parse_json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// A request body read as [`Args`] reads it (the size limit, 413 `M_TOO_LARGE`), for a handler
+/// that parses it into a type of its own with [`parse_body`] rather than into a JSON tree (v2
+/// lookups carry thousands of addresses).
+pub struct RawBody(pub web::Bytes);
+
+impl FromRequest for RawBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = read_body(req, payload);
+        Box::pin(async move { body.await.map(RawBody) })
+    }
+}
+
+fn read_body(
+    req: &HttpRequest,
+    payload: &mut Payload,
+) -> impl Future<Output = Result<web::Bytes, ApiError>> {
+    let body = web::Bytes::from_request(req, payload);
+    async move {
+        body.await.map_err(|e| {
+            if e.as_response_error().status_code() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge
+            } else {
+                ApiError::BadJson(format!("Could not read the request body: {e}"))
+            }
+        })
+    }
+}
+
+/// Parses a body that must be a JSON object into `T` (fields borrowed from `body` where they
+/// can be): not an object, or not JSON, is 400 `M_BAD_JSON`; a field of the wrong type 400
+/// `M_INVALID_PARAM` naming it.
+pub fn parse_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadJson(
+            "Request body must be a JSON object".into(),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidParam(e.to_string()),
+        _ => ApiError::BadJson("Malformed JSON".into()),
+    })
+}
+
 impl FromRequest for Args {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
@@ -97,15 +143,9 @@ impl FromRequest for Args {
                     .to_ascii_lowercase()
                     .starts_with("application/json")
             });
-        let body = web::Bytes::from_request(req, payload);
+        let body = read_body(req, payload);
         Box::pin(async move {
-            let body = body.await.map_err(|e| {
-                if e.as_response_error().status_code() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::BodyTooLarge
-                } else {
-                    ApiError::BadJson(format!("Could not read the request body: {e}"))
-                }
-            })?;
+            let body = body.await?;
             if legacy && !is_json {
                 let mut args = query;
                 args.extend(query_args(std::str::from_utf8(&body).unwrap_or("")));

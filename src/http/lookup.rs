@@ -3,6 +3,7 @@
 //! `lookup` (by `sha256` hash or, with algorithm `none`, by `"<address> <medium>"`), which need
 //! an account (and the terms, when there are terms).
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use actix_web::http::header::ContentType;
@@ -11,9 +12,9 @@ use serde_json::{json, Map, Value};
 
 use super::account::{require_terms, Authed};
 use super::error::ApiError;
-use super::extract::Args;
+use super::extract::{parse_body, Args, RawBody};
 use super::{resource, AppState, V1_PREFIX, V2_PREFIX};
-use crate::crypto::{decode_base64, sign_json};
+use crate::crypto::{decode_base64_32, sign_json};
 use crate::types::{InvalidValue, Medium};
 
 pub fn configure_v1(cfg: &mut web::ServiceConfig) {
@@ -38,45 +39,55 @@ async fn hash_details(
     })))
 }
 
+/// The body of a v2 lookup, its strings borrowed from the request where they have no escapes.
+#[derive(serde::Deserialize)]
+struct LookupRequest<'a> {
+    #[serde(borrow, default)]
+    addresses: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    algorithm: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pepper: Option<Cow<'a, str>>,
+}
+
 /// POST /_matrix/identity/v2/lookup `{"addresses", "algorithm", "pepper"}`
 ///
 /// Answers `{"mappings": {<address as asked>: mxid}}` for the bound ones: the newest valid
-/// binding of each 3PID (Sydent answers the alphabetically greatest Matrix ID).
+/// binding of each 3PID (Sydent answers the alphabetically greatest Matrix ID). Parsed without
+/// a JSON tree and answered without a map: a request may carry thousands of addresses.
 async fn lookup_v2(
     state: web::Data<AppState>,
     Authed(account): Authed,
-    args: Args,
+    RawBody(body): RawBody,
 ) -> Result<HttpResponse, ApiError> {
     require_terms(&state, &account)?;
-    let missing: Vec<String> = ["addresses", "algorithm", "pepper"]
-        .into_iter()
-        .filter(|name| args.0.get(*name).is_none_or(Value::is_null))
-        .map(str::to_string)
-        .collect();
-    if !missing.is_empty() {
-        return Err(ApiError::MissingParams(missing));
-    }
-    let [algorithm, pepper] = args.strings(["algorithm", "pepper"])?;
+    let request: LookupRequest = parse_body(&body)?;
+    let (Some(addresses), Some(algorithm), Some(pepper)) =
+        (&request.addresses, &request.algorithm, &request.pepper)
+    else {
+        let missing = [
+            ("addresses", request.addresses.is_none()),
+            ("algorithm", request.algorithm.is_none()),
+            ("pepper", request.pepper.is_none()),
+        ];
+        return Err(ApiError::MissingParams(
+            missing
+                .iter()
+                .filter(|(_, absent)| *absent)
+                .map(|(name, _)| name.to_string())
+                .collect(),
+        ));
+    };
     if algorithm != "sha256" && algorithm != "none" {
         return Err(ApiError::InvalidParam(format!(
             "algorithm '{algorithm}' is not supported: sha256 or none"
         )));
     }
-    if pepper != state.store_ctx.pepper {
+    if **pepper != *state.store_ctx.pepper {
         return Err(ApiError::InvalidPepper {
             lookup_pepper: state.store_ctx.pepper.clone(),
         });
     }
-    let addresses: Vec<String> = args
-        .value("addresses")?
-        .as_array()
-        .and_then(|items| {
-            items
-                .iter()
-                .map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .ok_or_else(|| ApiError::InvalidParam("addresses must be a list of strings".into()))?;
     let limit = state.config.general.address_lookup_limit;
     if addresses.len() > limit {
         return Err(ApiError::TooMany(format!(
@@ -84,14 +95,13 @@ async fn lookup_v2(
         )));
     }
     let now = crate::now_ms();
-    let mappings: Map<String, Value> = if algorithm == "sha256" {
+    // (position in `addresses`, its Matrix ID) of the bound ones.
+    let found: Vec<(usize, String)> = if algorithm == "sha256" {
         // A string that is no hash of ours matches nothing.
-        let (asked, digests): (Vec<String>, Vec<[u8; 32]>) = addresses
-            .into_iter()
-            .filter_map(|hash| {
-                let digest: [u8; 32] = decode_base64(&hash)?.try_into().ok()?;
-                Some((hash, digest))
-            })
+        let (positions, digests): (Vec<usize>, Vec<[u8; 32]>) = addresses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, hash)| Some((i, decode_base64_32(hash)?)))
             .unzip();
         let mxids = state
             .index
@@ -102,19 +112,19 @@ async fn lookup_v2(
                     .collect::<Vec<_>>()
             })
             .await?;
-        asked
+        positions
             .into_iter()
             .zip(mxids)
-            .filter_map(|(hash, mxid)| Some((hash, Value::String(mxid?))))
+            .filter_map(|(i, mxid)| Some((i, mxid?)))
             .collect()
     } else {
         // "<address> <medium>"; the medium follows the last space.
-        let (asked, queries): (Vec<String>, Vec<(Medium, String)>) = addresses
-            .into_iter()
-            .filter_map(|entry| {
+        let (positions, queries): (Vec<usize>, Vec<(Medium, String)>) = addresses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
                 let (address, medium) = entry.rsplit_once(' ')?;
-                let query = (Medium::parse(medium)?, address.to_owned());
-                Some((entry, query))
+                Some((i, (Medium::parse(medium)?, address.to_owned())))
             })
             .unzip();
         let mxids = state
@@ -130,13 +140,37 @@ async fn lookup_v2(
                     .collect::<Vec<_>>()
             })
             .await?;
-        asked
+        positions
             .into_iter()
             .zip(mxids)
-            .filter_map(|(entry, mxid)| Some((entry, Value::String(mxid?))))
+            .filter_map(|(i, mxid)| Some((i, mxid?)))
             .collect()
     };
-    Ok(HttpResponse::Ok().json(json!({ "mappings": mappings })))
+    Ok(HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(mappings_json(addresses, &found)))
+}
+
+/// `{"mappings": {...}}` written straight out; an address asked twice appears once.
+fn mappings_json(addresses: &[Cow<'_, str>], found: &[(usize, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + found.len() * 80);
+    out.extend_from_slice(b"{\"mappings\":{");
+    let mut seen = std::collections::HashSet::with_capacity(found.len());
+    for (i, mxid) in found {
+        let address: &str = &addresses[*i];
+        if !seen.insert(address) {
+            continue;
+        }
+        if seen.len() > 1 {
+            out.push(b',');
+        }
+        // Serialising a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, address);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, mxid);
+    }
+    out.extend_from_slice(b"}}");
+    out
 }
 
 fn parse_medium(medium: &str) -> Result<Medium, ApiError> {

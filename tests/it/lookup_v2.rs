@@ -94,6 +94,26 @@ async fn hashed_and_plain_lookups_find_the_newest_binding() {
     )
     .await;
     assert_error(status, &body, 400, "M_INVALID_PARAM");
+    let (status, body) = lookup(
+        node,
+        &token,
+        &json!({"algorithm": "sha256", "pepper": pepper, "addresses": "not a list"}),
+    )
+    .await;
+    assert_error(status, &body, 400, "M_INVALID_PARAM");
+    let (status, body) = lookup(node, &token, &json!(["not", "an", "object"])).await;
+    assert_error(status, &body, 400, "M_BAD_JSON");
+    // An address asked twice is answered once.
+    let (status, body) = lookup(
+        node,
+        &token,
+        &json!({"algorithm": "sha256", "pepper": pepper, "addresses": [bob, bob]}),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"mappings": {bob.clone(): "@bob:hs.example"}}))
+    );
     let (status, body) = lookup(node, &token, &json!({"algorithm": "sha256"})).await;
     assert_error(status, &body, 400, "M_MISSING_PARAMS");
     assert_eq!(body["error"], "Missing parameters: addresses,pepper");
