@@ -228,6 +228,28 @@ async fn registrations_the_node_must_refuse() {
 }
 
 #[tokio::test]
+async fn homeservers_outside_the_allow_list_are_refused_without_being_asked() {
+    let ca = TestCa::new("homeserver CA");
+    let hs = FakeHomeserver::start(&ca, &["localhost"]);
+    let server = format!("localhost:{}", hs.port);
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node_with(
+        dir.path(),
+        &ca,
+        true,
+        None,
+        &format!("enable_v1_access = false\nhomeserver_allow_list = hs.example, {server}\n"),
+        &[],
+    );
+    let (status, body) = register(&node, "good", "other.example").await;
+    assert_error(status, &body, 403, "M_UNAUTHORIZED");
+    assert!(hs.hosts.lock().unwrap().is_empty());
+    // A listed one registers (the list is matched lowercased, as the name).
+    let (status, body) = register(&node, "good", &server.to_uppercase()).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
 async fn terms_gate_the_account_until_every_document_is_accepted() {
     let mut rig = Rig::new(Some(TERMS));
     let (server, node) = (rig.server.clone(), &rig.node);
