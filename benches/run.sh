@@ -18,8 +18,12 @@ CONNS=${CONNS:-16}          # lookups: latency matters
 BIND_CONNS=${BIND_CONNS:-"16 64"} # binds: 16 as the lookups, 64 for throughput (bigger group commits)
 SIZES=${SIZES:-"100000 1000000"}
 WORKERS=${WORKERS:-1}
-cargo build --release --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
+# BIN=path/to/sydent-rs measures that binary instead of building this checkout (side-by-side
+# comparisons of two builds).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=${CARGO_TARGET_DIR:-target}/release/sydent-rs
+fi
 DIR=$(mktemp -d)
 trap 'kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; rm -rf "$DIR"' EXIT
 

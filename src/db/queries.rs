@@ -55,11 +55,55 @@ pub struct GlobalRow {
 /// Writes a local row, replacing the one for the same 3PID (Sydent's `REPLACE INTO`: the
 /// replacement gets a new, larger id, so peers receive it after everything before it).
 pub fn replace_local(conn: &mut SqliteConnection, row: &NewLocalRow<'_>) -> QueryResult<i64> {
-    diesel::replace_into(local::table)
-        .values(row)
-        .returning(local::id)
-        .get_result(conn)
+    ReplaceLocal(row).get_result(conn)
 }
+
+const REPLACE_LOCAL: &str = "REPLACE INTO local_threepid_associations \
+     (medium, address, mxid, ts, notBefore, notAfter, lookup_hash) \
+     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id";
+
+/// [`REPLACE_LOCAL`] as a statement diesel prepares once per connection (the DSL form builds
+/// its SQL on every bind to look it up in diesel's statement cache: 5.5 % of a bind).
+#[derive(Debug, Clone, Copy)]
+struct ReplaceLocal<'a>(&'a NewLocalRow<'a>);
+
+impl diesel::query_builder::QueryId for ReplaceLocal<'_> {
+    type QueryId = ReplaceLocal<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReplaceLocal<'_> {
+    type SqlType = BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for ReplaceLocal<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::Nullable;
+        let row = self.0;
+        let mut parts = REPLACE_LOCAL.split('?');
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(row.medium)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(row.address)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Nullable<Text>, _>(&row.mxid)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<BigInt, _>(&row.ts)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Nullable<BigInt>, _>(&row.not_before)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Nullable<BigInt>, _>(&row.not_after)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Nullable<Text>, _>(&row.lookup_hash)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<SqliteConnection> for ReplaceLocal<'_> {}
 
 /// The local binding of a 3PID, if any (tombstones included).
 pub fn local_for(
@@ -207,11 +251,56 @@ pub fn supersede_global(conn: &mut SqliteConnection, row: &GlobalRow) -> QueryRe
         &row.address,
         row.origin_id,
     )?;
-    diesel::insert_into(global::table)
-        .values(row)
-        .execute(conn)
-        .map(|_| ())
+    InsertGlobal(row).execute(conn).map(|_| ())
 }
+
+const INSERT_GLOBAL: &str = "INSERT INTO global_threepid_associations \
+     (medium, address, mxid, ts, notBefore, notAfter, originServer, originId, sgAssoc, lookup_hash) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// [`INSERT_GLOBAL`] as a statement diesel prepares once per connection (see [`ReplaceLocal`]).
+#[derive(Debug, Clone, Copy)]
+struct InsertGlobal<'a>(&'a GlobalRow);
+
+impl diesel::query_builder::QueryId for InsertGlobal<'_> {
+    type QueryId = InsertGlobal<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertGlobal<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::Nullable;
+        let row = self.0;
+        let mut parts = INSERT_GLOBAL.split('?');
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(&row.medium)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(&row.address)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(&row.mxid)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<BigInt, _>(&row.ts)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<BigInt, _>(&row.not_before)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<BigInt, _>(&row.not_after)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(&row.origin_server)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<BigInt, _>(&row.origin_id)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Text, _>(&row.sg_assoc)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        out.push_bind_param::<Nullable<Text>, _>(&row.lookup_hash)?;
+        out.push_sql(parts.next().unwrap_or_default());
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<SqliteConnection> for InsertGlobal<'_> {}
 
 /// Removes `origin`'s rows for a 3PID that are older than `before_origin_id` (its tombstone or
 /// rebind). Returns how many were removed.
