@@ -13,6 +13,7 @@
 //!   commit), the peer registry and one push queue per peer, the WAL checkpointer.
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
+//! - [`email`]: sending mail over SMTP (lettre, rustls).
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
 //! - [`terms`]: the terms of service (`terms.path`), loaded at start and on SIGHUP.
@@ -22,6 +23,7 @@ pub mod association;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod email;
 pub mod homeserver;
 pub mod http;
 pub mod lookup_index;

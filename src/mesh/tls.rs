@@ -204,10 +204,11 @@ impl MeshTls {
     }
 }
 
-/// A reqwest error with its causes (the TLS reason is usually a few levels down).
-pub fn describe_error(e: &reqwest::Error) -> String {
+/// An error with its causes (for a reqwest or SMTP error the TLS reason is usually a few
+/// levels down).
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

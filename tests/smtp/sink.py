@@ -1,0 +1,53 @@
+"""An SMTP server for the tests (aiosmtpd): writes each message it accepts to DIR/<n>.eml,
+its envelope to DIR/<n>.json, and prints "ready" once it listens.
+
+    python sink.py PORT DIR plain|starttls|implicit [CERT KEY]
+"""
+import json
+import os
+import ssl
+import sys
+import time
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+port, out_dir, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+count = 0
+
+
+class Save:
+    async def handle_DATA(self, server, session, envelope):
+        global count
+        count += 1
+        base = os.path.join(out_dir, str(count))
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                       "tls": session.ssl is not None or mode == "implicit"}, f)
+        with open(base + ".eml", "wb") as f:
+            f.write(envelope.original_content or envelope.content)
+        os.rename(base + ".json.tmp", base + ".json")
+        return "250 OK"
+
+
+context = None
+if mode != "plain":
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[4], sys.argv[5])
+
+
+class StartTls(Controller):
+    def factory(self):
+        return SMTP(self.handler, tls_context=context, require_starttls=True)
+
+
+if mode == "starttls":
+    controller = StartTls(Save(), hostname="127.0.0.1", port=port)
+elif mode == "implicit":
+    controller = Controller(Save(), hostname="127.0.0.1", port=port, ssl_context=context)
+else:
+    controller = Controller(Save(), hostname="127.0.0.1", port=port)
+controller.start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
