@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 
 use rand_core::{OsRng, RngCore};
 
-use crate::db::accounts::{stored_token, AccountRows};
+use sha2::{Digest, Sha256};
+
+use crate::db::accounts::AccountRows;
 
 /// A write to the account tables, done by the association store's commit thread.
 #[derive(Debug, Clone)]
@@ -130,6 +132,17 @@ impl State {
             }
         }
     }
+}
+
+/// How a token is stored: `sha256:` and the hex SHA-256 of the token, never the token.
+pub fn stored_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
 }
 
 /// A new access token: 64 random alphanumerics (as Sydent's).

@@ -3,20 +3,10 @@
 //! thread (the single writer); read whole once at start into `crate::accounts::Accounts`.
 
 use diesel::prelude::*;
-use sha2::{Digest, Sha256};
+
+use crate::accounts::stored_token;
 
 use super::schema::{accepted_terms_urls as accepted, accounts, tokens};
-
-/// How a token is stored: `sha256:` and the hex SHA-256 of the token.
-pub fn stored_token(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
-    for byte in digest {
-        out.push_str(&format!("{byte:02x}"));
-    }
-    out
-}
 
 /// Replaces every token stored as it is (by Sydent, which may also have run on this database
 /// since) with its stored form. Runs at every start: the table is small and this is one query

@@ -180,9 +180,15 @@ impl HomeserverClient {
         limit: usize,
     ) -> Result<Answer, HomeserverError> {
         let target = self.resolve(server_name).await?;
-        let unreachable = |e: reqwest::Error| HomeserverError::Unreachable {
-            server: server_name.to_string(),
-            message: describe_error(&e),
+        let unreachable = |e: reqwest::Error| {
+            if refused_address(&e) {
+                HomeserverError::Blocked(server_name.to_string())
+            } else {
+                HomeserverError::Unreachable {
+                    server: server_name.to_string(),
+                    message: describe_error(&e),
+                }
+            }
         };
         let response = self
             .federation
@@ -214,7 +220,7 @@ impl HomeserverClient {
                 None => self.srv_or_default(&host).await,
             }
         };
-        self.check_addresses(&target, server_name).await?;
+        self.check_literal(&target, server_name)?;
         Ok(target)
     }
 
@@ -283,25 +289,15 @@ impl HomeserverClient {
         None
     }
 
-    /// Refuses a target whose host (literal or resolved) the filter does not allow, with an
-    /// error that says so (the resolver refuses it again at connect time, after any DNS change).
-    async fn check_addresses(&self, target: &Target, server: &str) -> Result<(), HomeserverError> {
-        let host = target.connect_host.clone();
-        let addresses: Vec<IpAddr> = match ip_literal(&host) {
-            Some(ip) => vec![ip],
-            None => tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|e| HomeserverError::Unreachable {
-                    server: server.to_string(),
-                    message: format!("{host}: {e}"),
-                })?
-                .map(|a| a.ip())
-                .collect(),
-        };
-        if addresses.iter().any(|ip| !self.filter.allows(*ip)) {
-            return Err(HomeserverError::Blocked(server.to_string()));
+    /// Refuses a target that is an address literal the filter does not allow (literals
+    /// bypass the resolver, which judges every host name when it connects).
+    fn check_literal(&self, target: &Target, server: &str) -> Result<(), HomeserverError> {
+        match ip_literal(&target.connect_host) {
+            Some(ip) if !self.filter.allows(ip) => {
+                Err(HomeserverError::Blocked(server.to_string()))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The `m.server` of `host`'s well-known file, from the cache or asked now.
@@ -478,6 +474,23 @@ async fn read_capped(
     Ok(body)
 }
 
+/// The resolver's refusal of a host name that resolves to an address `ip.blacklist` covers.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves to an address refused by ip.blacklist")]
+struct RefusedAddress(String);
+
+/// Whether a request failed because the resolver refused its host's addresses.
+fn refused_address(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause.is::<RefusedAddress>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Resolves host names with the system resolver, refusing them when any address is filtered.
 /// For the federation client, a host with an SRV target resolves to that target's addresses.
 struct FilteredResolver {
@@ -503,7 +516,7 @@ impl Resolve for FilteredResolver {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if all.iter().any(|a| !filter.allows(a.ip())) {
                 return Err(
-                    format!("{host} resolves to an address refused by ip.blacklist").into(),
+                    Box::new(RefusedAddress(host)) as Box<dyn std::error::Error + Send + Sync>
                 );
             }
             Ok(Box::new(all.into_iter()) as Addrs)

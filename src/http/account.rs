@@ -13,9 +13,8 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::Args;
 use super::{resource, AppState, V2_PREFIX};
-use crate::accounts::{new_token, Account, AccountWrite};
+use crate::accounts::{new_token, stored_token, Account, AccountWrite};
 use crate::actors::store::WriteAccount;
-use crate::db::accounts::stored_token;
 use crate::types::{Mxid, ServerName};
 
 /// `openid/userinfo` answers are read up to this size (Sydent's limit).

@@ -95,8 +95,8 @@ async fn lookup_v2(
         )));
     }
     let now = crate::now_ms();
-    // (position in `addresses`, its Matrix ID) of the bound ones.
-    let found: Vec<(usize, String)> = if algorithm == "sha256" {
+    // The positions in `addresses` that were looked up, and what each found.
+    let (positions, mxids): (Vec<usize>, Vec<Option<String>>) = if algorithm == "sha256" {
         // A string that is no hash of ours matches nothing.
         let (positions, digests): (Vec<usize>, Vec<[u8; 32]>) = addresses
             .iter()
@@ -112,11 +112,7 @@ async fn lookup_v2(
                     .collect::<Vec<_>>()
             })
             .await?;
-        positions
-            .into_iter()
-            .zip(mxids)
-            .filter_map(|(i, mxid)| Some((i, mxid?)))
-            .collect()
+        (positions, mxids)
     } else {
         // "<address> <medium>"; the medium follows the last space.
         let (positions, queries): (Vec<usize>, Vec<(Medium, String)>) = addresses
@@ -140,12 +136,13 @@ async fn lookup_v2(
                     .collect::<Vec<_>>()
             })
             .await?;
-        positions
-            .into_iter()
-            .zip(mxids)
-            .filter_map(|(i, mxid)| Some((i, mxid?)))
-            .collect()
+        (positions, mxids)
     };
+    let found: Vec<(usize, String)> = positions
+        .into_iter()
+        .zip(mxids)
+        .filter_map(|(i, mxid)| Some((i, mxid?)))
+        .collect();
     Ok(HttpResponse::Ok()
         .content_type(ContentType::json())
         .body(mappings_json(addresses, &found)))
