@@ -21,6 +21,25 @@ with concurrent.futures.ThreadPoolExecutor(64) as ex: list(ex.map(work, chunks))
 PY
 }
 
+# node_config DIR CPORT IPORT LEVEL [LINE...]: DIR/sydent.conf for a bench node: client and
+# internal APIs on 127.0.0.1:CPORT and :IPORT (one client-API worker), database and pid file in
+# DIR, log.level LEVEL, and each LINE added to [general].
+node_config() {
+  local dir=$1 cport=$2 iport=$3 level=$4; shift 4
+  {
+    printf '[general]\nserver.name = bench.example.org\npidfile.path = %s/sydent.pid\nlog.level = %s\n' "$dir" "$level"
+    for line in "$@"; do printf '%s\n' "$line"; done
+    printf '[db]\ndb.file = %s/sydent.db\n' "$dir"
+    printf '[http]\nclientapi.http.bind_address = 127.0.0.1\nclientapi.http.port = %s\nclientapi.http.workers = 1\n' "$cport"
+    printf 'internalapi.http.bind_address = 127.0.0.1\ninternalapi.http.port = %s\n' "$iport"
+  } > "$dir/sydent.conf"
+}
+
+# wait_serving PORT: until the client API on PORT answers (10 s at most).
+wait_serving() {
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1/_matrix/identity/versions" >/dev/null && return; sleep 0.1; done
+}
+
 # report NAME: requests/s and latency percentiles from wrk's output.
 report() {
   awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-44s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'

@@ -52,7 +52,7 @@ for n in a b; do
   "$BIN" --config "$DIR/$n/sydent.conf" & PIDS+=($!)
 done
 for p in $C_a $C_b; do
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/_matrix/identity/versions" >/dev/null && break; sleep 0.1; done
+  wait_serving "$p"
 done
 
 seed_on "$I_a" 0 10000

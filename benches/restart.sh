@@ -19,19 +19,7 @@ NODE=
 trap 'if [ -n "$NODE" ]; then kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; fi; rm -rf "$DIR"' EXIT
 
 CPORT=$(free_port); IPORT=$(free_port)
-cat > "$DIR/sydent.conf" <<CONF
-[general]
-server.name = bench.example.org
-log.level = INFO
-[db]
-db.file = $DIR/sydent.db
-[http]
-clientapi.http.bind_address = 127.0.0.1
-clientapi.http.port = $CPORT
-clientapi.http.workers = 1
-internalapi.http.bind_address = 127.0.0.1
-internalapi.http.port = $IPORT
-CONF
+node_config "$DIR" "$CPORT" "$IPORT" INFO
 
 now_ms() { date +%s%3N; }
 # start PROBE: starts the node (NODE), waits until a v1 lookup of PROBE answers its binding (or,

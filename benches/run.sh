@@ -28,23 +28,10 @@ DIR=$(mktemp -d)
 trap 'kill $NODE 2>/dev/null || true; wait $NODE 2>/dev/null || true; rm -rf "$DIR"' EXIT
 
 CPORT=$(free_port); IPORT=$(free_port)
-cat > "$DIR/sydent.conf" <<CONF
-[general]
-server.name = bench.example.org
-pidfile.path = $DIR/sydent.pid
-log.level = WARNING
-[db]
-db.file = $DIR/sydent.db
-[http]
-clientapi.http.bind_address = 127.0.0.1
-clientapi.http.port = $CPORT
-clientapi.http.workers = $WORKERS
-internalapi.http.bind_address = 127.0.0.1
-internalapi.http.port = $IPORT
-CONF
+node_config "$DIR" "$CPORT" "$IPORT" WARNING
 "$BIN" --config "$DIR/sydent.conf" &
 NODE=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CPORT/_matrix/identity/versions" >/dev/null && break; sleep 0.1; done
+wait_serving "$CPORT"
 
 # wrk scripts: binds of fresh addresses, lookups of random existing ones, bulk lookups.
 cat > "$DIR/bind.lua" <<'LUA'

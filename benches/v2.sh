@@ -75,24 +75,10 @@ fi
 HS=$!
 
 CPORT=$(free_port); IPORT=$(free_port)
-cat > "$DIR/sydent.conf" <<CONF
-[general]
-server.name = bench.example.org
-pidfile.path = $DIR/sydent.pid
-log.level = WARNING
-ip.whitelist = 127.0.0.0/8
-[db]
-db.file = $DIR/sydent.db
-[http]
-clientapi.http.bind_address = 127.0.0.1
-clientapi.http.port = $CPORT
-clientapi.http.workers = 1
-internalapi.http.bind_address = 127.0.0.1
-internalapi.http.port = $IPORT
-CONF
+node_config "$DIR" "$CPORT" "$IPORT" WARNING "ip.whitelist = 127.0.0.0/8"
 SSL_CERT_FILE="$DIR/certs/mesh-ca.pem" "$BIN" --config "$DIR/sydent.conf" &
 NODE=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$CPORT/_matrix/identity/versions" >/dev/null && break; sleep 0.1; done
+wait_serving "$CPORT"
 BASE="http://127.0.0.1:$CPORT/_matrix/identity/v2"
 REGISTER="{\"access_token\":\"x\",\"matrix_server_name\":\"localhost:$HS_PORT\"}"
 TOKEN=$(curl -sf -XPOST "$BASE/account/register" -d "$REGISTER" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
