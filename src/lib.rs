@@ -16,6 +16,7 @@
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
+//! - [`templates`]: the email and page templates (Sydent's brand folders, Jinja2 rules).
 //! - [`terms`]: the terms of service (`terms.path`), loaded at start and on SIGHUP.
 pub mod accounts;
 pub mod actors;
@@ -29,6 +30,7 @@ pub mod http;
 pub mod lookup_index;
 pub mod mesh;
 pub mod node;
+pub mod templates;
 pub mod terms;
 pub mod types;
 
