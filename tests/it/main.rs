@@ -14,5 +14,6 @@ mod lookup_v2;
 mod mesh;
 mod sydent_db;
 mod sydent_interop;
+mod templates;
 mod terms;
 mod vectors;

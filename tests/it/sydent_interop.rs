@@ -5,31 +5,32 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sydent_rs::crypto::NodeSigningKey;
 
-use crate::harness::{client, signal, wait_with_deadline, TestNode};
+use crate::harness::{client, set_up, signal, wait_with_deadline, TestNode};
 use crate::mesh::harness::{mesh_config, port_of, TestCa};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs the idempotent setup and returns the venv's python.
-fn sydent_python() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo().join("tests/sydent/setup.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "tests/sydent/setup.sh failed: Sydent 2.6.1 could not be installed (needs python3 and pip)"
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("python path").trim())
+/// Runs the idempotent setup (once per test process: two setups at once would clobber the
+/// venv) and returns the venv's python, which has Sydent and its Jinja2.
+pub(crate) fn sydent_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            set_up(
+                "tests/sydent/setup.sh",
+                &[],
+                "Sydent 2.6.1 could not be installed (needs python3 and pip)",
+            )
+        })
+        .clone()
 }
 
 struct SydentNode {

@@ -399,3 +399,24 @@ pub async fn get_json(url: &str) -> Value {
 pub fn vectors() -> Value {
     serde_json::from_str(include_str!("../../vectors/matrix-signing.json")).expect("vectors parse")
 }
+
+/// Runs one of the idempotent set-up scripts under `tests/` (`tests/sydent/setup.sh`, ...)
+/// with `args` and returns the last line it printed on stdout: the path it set up. Its stderr
+/// shows in the test's output; a failure stops the test with `failure`.
+pub fn set_up(script: &str, args: &[&std::ffi::OsStr], failure: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash runs");
+    assert!(out.status.success(), "{script} failed: {failure}");
+    let stdout = String::from_utf8(out.stdout).expect("a UTF-8 path");
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("a path on the last line")
+            .trim(),
+    )
+}
