@@ -14,6 +14,7 @@
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
+//! - [`ratelimit`]: Sydent's keyed limiters (burst, then `rate_hz`), computed lazily from `now`.
 //! - [`phone`]: phone numbers read as Sydent reads them (msisdn, INTERNATIONAL format), `smsrule.*`.
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
@@ -31,6 +32,7 @@ pub mod lookup_index;
 pub mod mesh;
 pub mod node;
 pub mod phone;
+pub mod ratelimit;
 pub mod terms;
 pub mod types;
 
