@@ -14,6 +14,9 @@
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
+//! - [`sms`]: sending texts through OpenMarket's v4 API (originators, `bodyTemplate`, IP filter).
+//! - [`ratelimit`]: Sydent's keyed limiters (burst, then `rate_hz`), computed lazily from `now`.
+//! - [`phone`]: phone numbers read as Sydent reads them (msisdn, INTERNATIONAL format), `smsrule.*`.
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
 //! - [`templates`]: the email and page templates (Sydent's brand folders, Jinja2 rules).
@@ -30,6 +33,9 @@ pub mod http;
 pub mod lookup_index;
 pub mod mesh;
 pub mod node;
+pub mod phone;
+pub mod ratelimit;
+pub mod sms;
 pub mod templates;
 pub mod terms;
 pub mod types;

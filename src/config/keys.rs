@@ -336,6 +336,12 @@ pub const KEYS: &[KeyDef] = &[
     key("sms", "bodytemplate", "Your code is {token}", "SMS text; {token} is the code."),
     key("sms", "username", "", "OpenMarket username."),
     key("sms", "password", "", "OpenMarket password."),
+    key(
+        "sms",
+        "api_url",
+        "https://smsc.openmarket.com/sms/v4/mt",
+        "OpenMarket's v4 JSON send endpoint (Sydent's is fixed). ip.blacklist applies to it.",
+    ),
     key("sms", "msisdn.ratelimit.burst", "5", "SMS one number may receive at once."),
     key("sms", "msisdn.ratelimit.rate_hz", "1/3600", "Then this many per second."),
     key("sms", "country.ratelimit.burst", "50", "SMS one country code may receive at once."),

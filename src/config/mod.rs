@@ -170,9 +170,12 @@ pub enum SmsRule {
 
 #[derive(Debug, Clone)]
 pub struct SmsConfig {
+    /// Checked at load: only `{token}`, `{{` and `}}` (see `crate::sms::BodyTemplate`).
     pub body_template: String,
     pub username: String,
     pub password: String,
+    /// Where texts are POSTed (`http` or `https`).
+    pub api_url: reqwest::Url,
     /// By country calling code, and `default`.
     pub originators: BTreeMap<String, Vec<Originator>>,
     pub rules: BTreeMap<String, SmsRule>,
@@ -597,6 +600,9 @@ fn sms(r: &Reader<'_>) -> Result<SmsConfig, ConfigError> {
                     text: text.trim().to_string(),
                 });
             }
+            if list.is_empty() {
+                return Err(ConfigError::invalid(S, &name, "no originator given"));
+            }
             originators.insert(country.to_string(), list);
         } else if let Some(country) = name.strip_prefix("smsrule.") {
             let value = r.string(S, &name)?;
@@ -614,10 +620,21 @@ fn sms(r: &Reader<'_>) -> Result<SmsConfig, ConfigError> {
             rules.insert(country.to_string(), rule);
         }
     }
+    let body_template = r.string(S, "bodytemplate")?;
+    crate::sms::BodyTemplate::parse(&body_template)
+        .map_err(|e| ConfigError::invalid(S, "bodytemplate", e.to_string()))?;
+    let api_url = r.string(S, "api_url")?;
+    let api_url = reqwest::Url::parse(api_url.trim())
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+        .ok_or_else(|| {
+            ConfigError::invalid(S, "api_url", format!("'{api_url}' is not an http(s) URL"))
+        })?;
     Ok(SmsConfig {
-        body_template: r.string(S, "bodytemplate")?,
+        body_template,
         username: r.string(S, "username")?,
         password: r.string(S, "password")?,
+        api_url,
         originators,
         rules,
         msisdn_ratelimit: RateLimit {

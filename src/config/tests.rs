@@ -154,6 +154,10 @@ fn booleans_ports_and_lists() {
         }]
     );
     assert!((c.sms.msisdn_ratelimit.rate_hz - 1.0 / 3600.0).abs() < 1e-12);
+    assert_eq!(
+        c.sms.api_url.as_str(),
+        "https://smsc.openmarket.com/sms/v4/mt"
+    );
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 }
 
@@ -188,6 +192,17 @@ fn invalid_values_name_the_key() {
         ),
         ("[email]\nemail.tlsmode = maybe\n", "[email] email.tlsmode:"),
         ("[sms]\noriginators.44 = fax:1\n", "[sms] originators.44:"),
+        ("[sms]\noriginators.44 =\n", "[sms] originators.44:"),
+        (
+            "[sms]\nbodyTemplate = Code: {code}\n",
+            "[sms] bodytemplate:",
+        ),
+        (
+            "[sms]\nbodyTemplate = Code: {token\n",
+            "[sms] bodytemplate:",
+        ),
+        ("[sms]\napi_url = ftp://smsc.example/mt\n", "[sms] api_url:"),
+        ("[sms]\napi_url = smsc.example/mt\n", "[sms] api_url:"),
         (
             "[http]\nclientapi.http.bind_address = localhost\n",
             "[http] clientapi.http.bind_address:",

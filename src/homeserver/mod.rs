@@ -446,28 +446,45 @@ fn cache_ttl(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 /// The body, or TooLarge as soon as it passes `limit` bytes.
 async fn read_capped(
-    mut response: reqwest::Response,
+    response: reqwest::Response,
     limit: usize,
     server: &str,
 ) -> Result<Vec<u8>, HomeserverError> {
-    let too_large = || HomeserverError::TooLarge {
-        server: server.to_string(),
-        limit,
-    };
+    read_body_capped(response, limit)
+        .await
+        .map_err(|e| match e {
+            CappedReadError::TooLarge => HomeserverError::TooLarge {
+                server: server.to_string(),
+                limit,
+            },
+            CappedReadError::Failed(e) => HomeserverError::Unreachable {
+                server: server.to_string(),
+                message: describe_error(&e),
+            },
+        })
+}
+
+/// Why [`read_body_capped`] gave up.
+#[derive(Debug)]
+pub(crate) enum CappedReadError {
+    /// The body is longer than the limit (announced or read).
+    TooLarge,
+    Failed(reqwest::Error),
+}
+
+/// A response body read up to `limit` bytes, refused as soon as it passes them (outbound
+/// answers are untrusted: the homeserver client and the SMS sender both read through here).
+pub(crate) async fn read_body_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, CappedReadError> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(CappedReadError::TooLarge);
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| HomeserverError::Unreachable {
-            server: server.to_string(),
-            message: describe_error(&e),
-        })?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(CappedReadError::Failed)? {
         if body.len() + chunk.len() > limit {
-            return Err(too_large());
+            return Err(CappedReadError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
@@ -480,7 +497,7 @@ async fn read_capped(
 struct RefusedAddress(String);
 
 /// Whether a request failed because the resolver refused its host's addresses.
-fn refused_address(e: &reqwest::Error) -> bool {
+pub(crate) fn refused_address(e: &reqwest::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
         if cause.is::<RefusedAddress>() {
@@ -493,9 +510,20 @@ fn refused_address(e: &reqwest::Error) -> bool {
 
 /// Resolves host names with the system resolver, refusing them when any address is filtered.
 /// For the federation client, a host with an SRV target resolves to that target's addresses.
-struct FilteredResolver {
+/// (IP literals never reach a resolver: a client checks those itself.)
+pub(crate) struct FilteredResolver {
     filter: Arc<IpFilter>,
     srv_targets: Option<SrvTargets>,
+}
+
+impl FilteredResolver {
+    /// A resolver for clients that go where their URLs say (no SRV targets).
+    pub(crate) fn new(filter: Arc<IpFilter>) -> Self {
+        Self {
+            filter,
+            srv_targets: None,
+        }
+    }
 }
 
 impl Resolve for FilteredResolver {
@@ -524,7 +552,12 @@ impl Resolve for FilteredResolver {
     }
 }
 
-fn tls_config(verify: bool, roots: RootCertStore) -> Result<ClientConfig, rustls::Error> {
+/// A ring client config: certificates verified against `roots` (host name included), or any
+/// certificate accepted when `verify` is false.
+pub(crate) fn tls_config(
+    verify: bool,
+    roots: RootCertStore,
+) -> Result<ClientConfig, rustls::Error> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     Ok(if verify {

@@ -12,6 +12,7 @@ pub mod homeserver;
 mod internal_bind;
 mod lookup_v2;
 mod mesh;
+mod sms;
 mod sydent_db;
 mod sydent_interop;
 mod templates;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+pub mod sms_gateway;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
