@@ -6,8 +6,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use rand_core::{OsRng, RngCore};
-
 use sha2::{Digest, Sha256};
 
 use crate::db::accounts::AccountRows;
@@ -147,16 +145,7 @@ pub fn stored_token(token: &str) -> String {
 
 /// A new access token: 64 random alphanumerics (as Sydent's).
 pub fn new_token() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut token = String::with_capacity(64);
-    while token.len() < 64 {
-        // Rejection sampling: 62 · 4 = 248 values map evenly onto the alphabet.
-        let byte = (OsRng.next_u32() & 0xff) as u8;
-        if byte < 248 {
-            token.push(ALPHABET[usize::from(byte % 62)] as char);
-        }
-    }
-    token
+    crate::crypto::random_string(crate::crypto::ALPHANUMERIC, 64)
 }
 
 #[cfg(test)]

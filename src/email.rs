@@ -93,11 +93,26 @@ impl Mailer {
         let envelope = Envelope::new(self.from.clone(), vec![to_address])
             .map_err(|e| EmailError::Send(e.to_string()))?;
         self.transport
-            .send_raw(&envelope, message)
+            .send_raw(&envelope, &crlf_lines(message))
             .await
             .map(|_| ())
             .map_err(|e| EmailError::Send(crate::mesh::tls::describe_error(&e)))
     }
+}
+
+/// `message` with every line ending in CRLF, as SMTP requires: templates are files with
+/// bare LF line ends (Python's smtplib converts them the same way when Sydent sends).
+fn crlf_lines(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+    let mut previous = 0u8;
+    for &b in message {
+        if b == b'\n' && previous != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        previous = b;
+    }
+    out
 }
 
 /// The envelope sender from `email.from`, which may be a display form (`Name <addr>`, with
@@ -112,7 +127,13 @@ fn envelope_sender(from: &str) -> Option<Address> {
 
 #[cfg(test)]
 mod tests {
-    use super::envelope_sender;
+    use super::{crlf_lines, envelope_sender};
+
+    #[test]
+    fn lines_end_in_crlf() {
+        assert_eq!(crlf_lines(b"a\nb\r\nc\n\n"), b"a\r\nb\r\nc\r\n\r\n");
+        assert_eq!(crlf_lines(b"\r\r\n"), b"\r\r\n");
+    }
 
     #[test]
     fn the_envelope_sender_comes_out_of_the_display_form() {

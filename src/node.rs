@@ -15,13 +15,18 @@ use actix_web::{web, App, HttpServer};
 use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
+use crate::actors::sessions::ValidationSessions;
 use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
+use crate::email::Mailer;
 use crate::homeserver::HomeserverClient;
+use crate::http::validate::ValidationLimits;
 use crate::http::{self, AppState};
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
+use crate::sms::SmsSender;
+use crate::templates::Templates;
 use crate::terms::{SharedTerms, Terms};
 
 /// How long a graceful stop waits for in-flight requests.
@@ -208,7 +213,16 @@ impl Node {
             config.crypto.signing_key.clone(),
         );
         let opening = std::time::Instant::now();
-        let (conn, pepper, index, ephemeral_keys, max_local, checkpoint_conn, account_rows) =
+        let (
+            conn,
+            pepper,
+            index,
+            ephemeral_keys,
+            max_local,
+            checkpoint_conn,
+            account_rows,
+            session_rows,
+        ) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
                 let casefolded =
@@ -277,6 +291,14 @@ impl Node {
                         path: db_file.clone(),
                         source,
                     })?;
+                let session_rows = db::sessions::load_since(
+                    &mut conn,
+                    crate::now_ms() - crate::actors::sessions::SESSION_RETENTION_MS,
+                )
+                .map_err(|source| db::OpenError::Query {
+                    path: db_file.clone(),
+                    source,
+                })?;
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
@@ -285,6 +307,7 @@ impl Node {
                     max_local,
                     checkpoint_conn,
                     account_rows,
+                    session_rows,
                 ))
             })
             .await
@@ -330,6 +353,23 @@ impl Node {
             failed_tx,
         )
         .start_with_queue();
+        let sessions =
+            ValidationSessions::new(session_rows, store_queue.clone(), crate::now_ms).start();
+        let templates =
+            Arc::new(Templates::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
+        let mailer =
+            Arc::new(
+                Mailer::new(&config.email).map_err(|message| StartError::Setting {
+                    key: "[email] email.tlsmode",
+                    message,
+                })?,
+            );
+        let sms = Arc::new(SmsSender::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
+        if config.http.client_http_base.trim().is_empty() {
+            log::warn!(
+                "[http] client_http_base is not set: the links in validation emails will be relative, and will not work"
+            );
+        }
         let active_peers = ActivePeers::default();
         let registry = match &tls {
             None => None,
@@ -374,6 +414,11 @@ impl Node {
             homeserver: Arc::new(
                 HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?,
             ),
+            sessions,
+            templates,
+            mailer,
+            sms,
+            limits: Arc::new(ValidationLimits::new(&config)),
         });
 
         let client_addr = listeners

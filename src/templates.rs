@@ -32,10 +32,10 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::crypto::{random_string, ALPHANUMERIC};
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, Output, State, Value};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use rand_core::{OsRng, RngCore};
 
 use crate::config::Config;
 
@@ -694,7 +694,6 @@ pub fn standard_email_vars(
     now_ms: i64,
 ) -> BTreeMap<String, String> {
     const LETTERS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     BTreeMap::from([
         (
             "messageid".to_string(),
@@ -708,21 +707,6 @@ pub fn standard_email_vars(
             random_string(ALPHANUMERIC, 32),
         ),
     ])
-}
-
-/// `len` characters drawn uniformly from `alphabet` (at most 256 long) by the OS's generator.
-fn random_string(alphabet: &[u8], len: usize) -> String {
-    // Rejection sampling: only bytes below the largest multiple of the alphabet's size map
-    // evenly onto it.
-    let limit = 256 - 256 % alphabet.len();
-    let mut out = String::with_capacity(len);
-    while out.len() < len {
-        let byte = (OsRng.next_u32() & 0xff) as usize;
-        if byte < limit {
-            out.push(char::from(alphabet[byte % alphabet.len()]));
-        }
-    }
-    out
 }
 
 /// Python's `email.utils.formatdate(localtime=False)`: `Thu, 03 Dec 2026 10:41:14 -0000`

@@ -9,9 +9,11 @@
 //! - [`outbox::Outbox`]: the newest local rows, read and signed once for every push queue, and
 //!   the acknowledged cursors, saved together.
 //! - [`checkpoint::Checkpointer`]: WAL checkpoints off the store's commit path.
+//! - [`sessions::ValidationSessions`]: email and phone validation sessions.
 
 pub mod checkpoint;
 pub mod outbox;
 pub mod peers;
 pub mod pusher;
+pub mod sessions;
 pub mod store;

@@ -27,6 +27,7 @@ use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
+use crate::db::sessions::SessionWrite;
 use crate::db::{DbError, GlobalRow};
 use crate::lookup_index::{Change, SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
@@ -202,6 +203,7 @@ enum Write {
     Unbind(Unbind, oneshot::Sender<Result<bool, StoreError>>),
     Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
     Account(AccountWrite, oneshot::Sender<Result<bool, StoreError>>),
+    Session(SessionWrite, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -283,6 +285,25 @@ impl StoreQueue {
     /// message does.
     pub async fn apply_replicated(&self, push: ApplyReplicated) -> Result<usize, StoreError> {
         self.submit(|tx| Write::Replicated(push, tx)).await
+    }
+
+    /// Queues a session write now, in the caller's order (the validation-session actor's
+    /// decisions reach the database in the order it took them), without waiting for room:
+    /// the actor is one writer and answers each write's client only once it is committed.
+    /// The returned future answers when it is.
+    pub fn write_session(
+        &self,
+        write: SessionWrite,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let queued = lock(&self.pending).push(Write::Session(write, tx));
+        if let Ok(true) = queued {
+            self.store.do_send(StartCommit);
+        }
+        async move {
+            queued?;
+            rx.await.unwrap_or(Err(StoreError::Stopped))
+        }
     }
 
     async fn submit<T>(
@@ -516,6 +537,9 @@ fn finish_batch(
             Write::Account(_, reply) => {
                 let _ = reply.send(result.map(|a| matches!(a, Applied::Account(true))));
             }
+            Write::Session(_, reply) => {
+                let _ = reply.send(result.map(|_| ()));
+            }
             Write::Flush(reply) => {
                 let _ = reply.send(());
             }
@@ -692,6 +716,10 @@ fn apply(
         Write::Unbind(unbind, _) => apply_unbind(conn, ctx, unbind, now),
         Write::Replicated(batch, _) => apply_replicated(conn, ctx, batch),
         Write::Account(write, _) => apply_account(conn, write, now),
+        Write::Session(write, _) => {
+            crate::db::sessions::apply(conn, write)?;
+            Ok(Applied::Nothing)
+        }
         Write::Flush(_) => Ok(Applied::Nothing),
     }
 }

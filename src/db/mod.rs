@@ -9,6 +9,7 @@ pub mod casefold;
 mod open;
 pub mod queries;
 pub mod schema;
+pub mod sessions;
 
 pub use open::{
     connect, defer_checkpoints, kept_or_connect, open, snapshot, OpenError, Snapshot,

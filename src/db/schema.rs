@@ -117,4 +117,36 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    threepid_validation_sessions (id) {
+        id -> BigInt,
+        medium -> Text,
+        address -> Text,
+        #[sql_name = "clientSecret"]
+        client_secret -> Text,
+        validated -> Nullable<BigInt>,
+        mtime -> BigInt,
+    }
+}
+
+diesel::table! {
+    threepid_token_auths (id) {
+        id -> BigInt,
+        #[sql_name = "validationSession"]
+        validation_session -> BigInt,
+        token -> Text,
+        #[sql_name = "sendAttemptNumber"]
+        send_attempt_number -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// sydent-rs: a validation session's `next_link` and wrong-token count.
+    validation_session_extras (session_id) {
+        session_id -> BigInt,
+        next_link -> Nullable<Text>,
+        failed_attempts -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);

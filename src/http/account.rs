@@ -39,7 +39,7 @@ impl FromRequest for Authed {
     }
 }
 
-fn authenticate(req: &HttpRequest) -> Result<Authed, ApiError> {
+pub(super) fn authenticate(req: &HttpRequest) -> Result<Authed, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("no app state".into()))?;

@@ -69,6 +69,42 @@ pub enum ApiError {
     /// nonsense (what Sydent answers too, with the same kind of message).
     #[error("{0}")]
     Homeserver(String),
+    /// 404 `M_NO_VALID_SESSION`: no session with that sid and client secret.
+    #[error("{0}")]
+    NoValidSession(String),
+    /// 400 `M_SESSION_EXPIRED`.
+    #[error("{0}")]
+    SessionExpired(String),
+    /// 400 `M_SESSION_NOT_VALIDATED`.
+    #[error("{0}")]
+    SessionNotValidated(String),
+    /// 400 `M_TOKEN_INCORRECT`.
+    #[error("{0}")]
+    TokenIncorrect(String),
+    /// 400 `M_INVALID_EMAIL`.
+    #[error("{0}")]
+    InvalidEmail(String),
+    /// 400 `M_INVALID_ADDRESS`: a phone number that does not parse.
+    #[error("{0}")]
+    InvalidAddress(String),
+    /// 400 `M_DESTINATION_REJECTED`: SMS to that country are refused (`smsrule.<cc>`).
+    #[error("{0}")]
+    DestinationRejected(String),
+    /// 400 `M_EMAIL_SEND_ERROR`: the SMTP server could not take the mail (cause logged).
+    #[error("Failed to send email")]
+    EmailSend(String),
+    /// 400 `M_SEND_ERROR`: the SMS gateway could not take the message (cause logged).
+    #[error("Failed to send SMS")]
+    SmsSend(String),
+    /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`.
+    #[error("{message}")]
+    LimitExceeded {
+        message: String,
+        retry_after_ms: u64,
+    },
+    /// 403 `M_FORBIDDEN`: e.g. unbinding a 3PID other than the session's.
+    #[error("{0}")]
+    Refused(String),
     /// 500 `M_UNKNOWN`; the cause is logged, not sent.
     #[error("Internal server error")]
     Internal(String),
@@ -92,6 +128,17 @@ impl ApiError {
             Self::UnknownToken(_) => "M_UNKNOWN_TOKEN",
             Self::TermsNotSigned => "M_TERMS_NOT_SIGNED",
             Self::InvalidPepper { .. } => "M_INVALID_PEPPER",
+            Self::NoValidSession(_) => "M_NO_VALID_SESSION",
+            Self::SessionExpired(_) => "M_SESSION_EXPIRED",
+            Self::SessionNotValidated(_) => "M_SESSION_NOT_VALIDATED",
+            Self::TokenIncorrect(_) => "M_TOKEN_INCORRECT",
+            Self::InvalidEmail(_) => "M_INVALID_EMAIL",
+            Self::InvalidAddress(_) => "M_INVALID_ADDRESS",
+            Self::DestinationRejected(_) => "M_DESTINATION_REJECTED",
+            Self::EmailSend(_) => "M_EMAIL_SEND_ERROR",
+            Self::SmsSend(_) => "M_SEND_ERROR",
+            Self::LimitExceeded { .. } => "M_LIMIT_EXCEEDED",
+            Self::Refused(_) => "M_FORBIDDEN",
         }
     }
 }
@@ -99,7 +146,9 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::UnknownEndpoint | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::UnknownEndpoint | Self::NotFound(_) | Self::NoValidSession(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadJson(_)
             | Self::MissingParams(_)
@@ -107,7 +156,17 @@ impl ResponseError for ApiError {
             | Self::TooMany(_)
             | Self::VerificationFailed(_)
             | Self::InvalidPepper { .. }
-            | Self::InvalidAssociations(..) => StatusCode::BAD_REQUEST,
+            | Self::InvalidAssociations(..)
+            | Self::SessionExpired(_)
+            | Self::SessionNotValidated(_)
+            | Self::TokenIncorrect(_)
+            | Self::InvalidEmail(_)
+            | Self::InvalidAddress(_)
+            | Self::DestinationRejected(_)
+            | Self::EmailSend(_)
+            | Self::SmsSend(_) => StatusCode::BAD_REQUEST,
+            Self::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Refused(_) => StatusCode::FORBIDDEN,
             Self::OriginIdsRestarted(_) => StatusCode::CONFLICT,
             Self::UnknownPeer(_) | Self::TermsNotSigned | Self::Forbidden(_) => {
                 StatusCode::FORBIDDEN
@@ -125,12 +184,18 @@ impl ResponseError for ApiError {
         if let Self::Homeserver(cause) = self {
             log::warn!("{cause}");
         }
+        if let Self::EmailSend(cause) | Self::SmsSend(cause) = self {
+            log::warn!("{cause}");
+        }
         let mut body = json!({
             "errcode": self.errcode(),
             "error": self.to_string(),
         });
         if let Self::VerificationFailed(ids) | Self::InvalidAssociations(_, ids) = self {
             body["failed_ids"] = json!(ids);
+        }
+        if let Self::LimitExceeded { retry_after_ms, .. } = self {
+            body["retry_after_ms"] = json!(retry_after_ms);
         }
         if let Self::InvalidPepper { lookup_pepper } = self {
             body["algorithm"] = json!("sha256");
@@ -166,5 +231,18 @@ impl From<crate::lookup_index::WarmUpError> for ApiError {
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         Self::Internal(format!("association store unreachable: {e}"))
+    }
+}
+
+impl From<crate::actors::sessions::SessionError> for ApiError {
+    fn from(e: crate::actors::sessions::SessionError) -> Self {
+        use crate::actors::sessions::SessionError;
+        match e {
+            SessionError::NoSession => Self::NoValidSession(e.to_string()),
+            SessionError::Expired => Self::SessionExpired(e.to_string()),
+            SessionError::NotValidated => Self::SessionNotValidated(e.to_string()),
+            SessionError::TokenIncorrect { .. } => Self::TokenIncorrect(e.to_string()),
+            SessionError::Store(e) => e.into(),
+        }
     }
 }

@@ -49,6 +49,25 @@ impl Args {
     }
 }
 
+/// The client's address: the TCP peer, or, behind a proxy that `obey_x_forwarded_for` says
+/// to trust, the last address in `X-Forwarded-For` (the one that proxy added; the ones before
+/// it are whatever the client claimed). Sydent takes the header's whole value.
+pub fn client_ip(req: &HttpRequest, obey_x_forwarded_for: bool) -> Option<String> {
+    if obey_x_forwarded_for {
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|v| !v.is_empty());
+        if let Some(ip) = forwarded {
+            return Some(ip.to_string());
+        }
+    }
+    req.peer_addr().map(|a| a.ip().to_string())
+}
+
 fn query_args(query: &str) -> Map<String, Value> {
     let mut args = Map::new();
     let mut repeated = Vec::new();

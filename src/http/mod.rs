@@ -6,6 +6,8 @@
 //! - `extract.rs`: request arguments by Sydent's rules.
 //! - `status.rs`: `/versions` and the API roots; `pubkey.rs`: our keys;
 //!   `lookup.rs`: v1 `lookup` and `bulk_lookup`; `internal.rs`: internal bind and unbind.
+//! - `validate.rs`: email and phone validation (requestToken, submitToken);
+//!   `threepid.rs`: getValidated3pid, bind and unbind with a session.
 
 mod account;
 pub mod error;
@@ -16,6 +18,8 @@ mod pubkey;
 pub mod replication;
 mod status;
 mod terms;
+mod threepid;
+pub mod validate;
 
 use std::sync::Arc;
 
@@ -58,6 +62,15 @@ pub struct AppState {
     pub accounts: crate::accounts::Accounts,
     /// The client for homeservers (OpenID userinfo, later onbind and key fetches).
     pub homeserver: Arc<crate::homeserver::HomeserverClient>,
+    /// The validation sessions' owner.
+    pub sessions: Addr<crate::actors::sessions::ValidationSessions>,
+    /// Email and page templates, per brand.
+    pub templates: Arc<crate::templates::Templates>,
+    pub mailer: Arc<crate::email::Mailer>,
+    /// The SMS gateway client.
+    pub sms: Arc<crate::sms::SmsSender>,
+    /// Limits on sending tokens.
+    pub limits: Arc<validate::ValidationLimits>,
 }
 
 /// The CORS headers of every client-API answer; the explicit header list is the spec's (a `*`
@@ -88,6 +101,12 @@ pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
     pubkey::configure(cfg, config);
     terms::configure(cfg);
     account::configure(cfg);
+    validate::configure(cfg, config.general.enable_v1_access);
+    threepid::configure(
+        cfg,
+        config.general.enable_v1_access,
+        config.general.enable_v1_associations,
+    );
 }
 
 /// The internal API's routes.

@@ -29,8 +29,6 @@ pub fn start_node_with(
     more_general: &str,
     env: &[(&str, &str)],
 ) -> TestNode {
-    let ca_file = dir.join("hs-ca.pem");
-    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
     let mut general = format!("[general]\n{more_general}");
     if whitelist {
         general.push_str("ip.whitelist = 127.0.0.0/8, ::1/128\n");
@@ -41,6 +39,13 @@ pub fn start_node_with(
         general.push_str(&format!("terms.path = {}\n", path.display()));
     }
     let config = base_config(dir, "id.test").replacen("[general]\n", &general, 1);
+    start_trusting(dir, &config, ca, env)
+}
+
+/// Starts a node with `config` that trusts `ca` (for homeservers), with environment `env`.
+pub fn start_trusting(dir: &Path, config: &str, ca: &TestCa, env: &[(&str, &str)]) -> TestNode {
+    let ca_file = dir.join("hs-ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
     let config_path = dir.join("sydent.conf");
     std::fs::write(&config_path, config).unwrap();
     TestNode::start_cmd(

@@ -17,4 +17,6 @@ mod sydent_db;
 mod sydent_interop;
 mod templates;
 mod terms;
+mod validation;
+mod validation_sms;
 mod vectors;

@@ -17,7 +17,7 @@ use crate::harness::set_up;
 use crate::sydent_interop::sydent_python;
 
 /// Sydent 2.6.1's `res/` folder (downloaded once per test process).
-fn sydent_res() -> &'static Path {
+pub(crate) fn sydent_res() -> &'static Path {
     static RES: OnceLock<PathBuf> = OnceLock::new();
     RES.get_or_init(|| {
         set_up(

@@ -12,6 +12,11 @@ import time
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
+# Sydent hands smtplib its rendered template as bytes, which smtplib sends as they are: with
+# the templates' bare LF line ends, the whole message is one SMTP line, far over RFC 5321's
+# 1000 octets. Real MTAs take it; aiosmtpd refuses unless told otherwise.
+SMTP.line_length_limit = 1 << 20
+
 port, out_dir, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 count = 0
 

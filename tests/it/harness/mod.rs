@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod smtp;
+
 pub const BINARY: &str = env!("CARGO_BIN_EXE_sydent-rs");
 /// How long a node may take to start (a debug build on a busy 2-core machine).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
