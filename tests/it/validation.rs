@@ -585,6 +585,20 @@ async fn sessions_survive_a_restart_expire_and_sydent_ones_complete() {
     )
     .execute(&mut db)
     .unwrap();
+    // And one three days old: swept when the node starts.
+    diesel::sql_query(format!(
+        "INSERT INTO threepid_validation_sessions (id, medium, address, clientSecret, validated, mtime) \
+         VALUES (888, 'email', 'stale@example.org', 's', 1, {})",
+        sydent_rs::now_ms() - 3 * day
+    ))
+    .execute(&mut db)
+    .unwrap();
+    diesel::sql_query(
+        "INSERT INTO threepid_token_auths (validationSession, token, sendAttemptNumber) \
+         VALUES (888, 'StaleToken', 1)",
+    )
+    .execute(&mut db)
+    .unwrap();
     drop(db);
 
     let config_path = rig.node.config_path.clone();
@@ -597,6 +611,32 @@ async fn sessions_survive_a_restart_expire_and_sydent_ones_complete() {
     )
     .unwrap();
     let node = &rig.node;
+    let (status, body) = node
+        .get(&format!(
+            "{v1}/3pid/getValidated3pid?sid=888&client_secret=s"
+        ))
+        .await;
+    assert_error(status, &body, 404, "M_NO_VALID_SESSION");
+    let mut db = rig.db();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(
+        &mut db,
+        "SELECT COUNT(*) AS n FROM threepid_token_auths WHERE validationSession = 888",
+    ) > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale session was not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT COUNT(*) AS n FROM threepid_validation_sessions WHERE id = 888"
+        ),
+        0
+    );
     let submit = format!("{v1}/validate/email/submitToken");
     let (status, body) = node
         .post(
