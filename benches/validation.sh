@@ -129,5 +129,5 @@ end
 LUA
 wrk -t"$THREADS" -c"$THREADS" -d"$DURATION" --latency -s "$DIR/pairs.lua" "http://127.0.0.1:$CPORT" > "$DIR/pairs.out"
 report "submitToken + bind ($THREADS conns, requests)" < "$DIR/pairs.out"
-grep -E 'Non-2xx|Socket errors' "$DIR/pairs.out" || true
+grep -E 'Non-2xx|Socket errors|first failure' "$DIR/pairs.out" || true
 awk '/Requests\/sec/ {printf "  pairs (submitToken + bind) per second: %d\n", $2 / 2}' "$DIR/pairs.out"

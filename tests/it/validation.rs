@@ -726,8 +726,18 @@ async fn the_same_request_gets_the_same_mail_as_from_sydent() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    /// Kills Sydent when the test ends, also when an assertion fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = sydent.stdout.take().unwrap();
+    let _sydent = Killed(sydent);
     let mut ready = String::new();
-    let mut lines = BufReader::new(sydent.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(stdout).lines();
     while !ready.starts_with("SYDENT READY") {
         ready = lines.next().expect("Sydent started").unwrap();
     }
@@ -767,8 +777,6 @@ async fn the_same_request_gets_the_same_mail_as_from_sydent() {
         let (mail, _) = sink.received(1);
         mails.push(normalised(&mail, sid));
     }
-    let _ = sydent.kill();
-    let _ = sydent.wait();
     assert!(mails[0].contains("Element"), "{}", mails[0]);
     // Sydent sends the template's bare LF line ends, so smtplib's dot-stuffing (a `.` at the
     // start of a line doubled) is never undone by the server, which unstuffs only after CRLF:
