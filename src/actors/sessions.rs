@@ -338,12 +338,18 @@ impl Handler<SubmitToken> for ValidationSessions {
         let stored = session.stored;
         if secrets_equal(&session.row.token, &msg.token) {
             let next_link = session.row.next_link.clone();
-            if !session.row.validated {
-                session.row.validated = true;
-                session.row.mtime = now;
+            if session.row.validated {
+                return Box::pin(async move { Ok(next_link) });
             }
+            session.row.validated = true;
+            session.row.mtime = now;
             // A session whose first send is still in flight is saved, validated, by [`Sent`].
-            let saved = stored.then(|| self.save(msg.sid));
+            let saved = stored.then(|| {
+                self.store.write_session(SessionWrite::Validated {
+                    sid: msg.sid,
+                    mtime: now,
+                })
+            });
             return Box::pin(async move {
                 if let Some(saved) = saved {
                     saved.await?;

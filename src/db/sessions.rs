@@ -38,6 +38,9 @@ pub struct SessionRow {
 pub enum SessionWrite {
     /// Writes the session's whole state, creating it if needed.
     Save(SessionRow),
+    /// Marks a stored session validated at `mtime` (the one column pair that changes: a
+    /// whole [`SessionWrite::Save`] would rewrite its token row too).
+    Validated { sid: i64, mtime: i64 },
     /// Deletes these sessions (closed after too many wrong tokens).
     Delete(Vec<i64>),
     /// Deletes every session last modified before this time (ms): the periodic sweep.
@@ -106,6 +109,11 @@ pub fn load_since(conn: &mut SqliteConnection, since: i64) -> QueryResult<Vec<Se
 pub fn apply(conn: &mut SqliteConnection, write: &SessionWrite) -> QueryResult<usize> {
     match write {
         SessionWrite::Save(row) => save(conn, row).map(|()| 1),
+        SessionWrite::Validated { sid, mtime } => {
+            diesel::update(sessions::table.filter(sessions::id.eq(sid)))
+                .set((sessions::validated.eq(Some(1)), sessions::mtime.eq(mtime)))
+                .execute(conn)
+        }
         SessionWrite::Delete(sids) => delete(conn, sids),
         SessionWrite::DeleteOlderThan(cutoff) => {
             let old: Vec<i64> = sessions::table
