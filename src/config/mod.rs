@@ -9,6 +9,7 @@
 
 mod keys;
 mod parse;
+mod sms_body;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,6 +20,7 @@ use crate::types::ServerName;
 
 pub use keys::KeyDef;
 use parse::{RawConfig, Reader};
+pub use sms_body::{BodyTemplate, TemplateError as BodyTemplateError};
 
 /// A config problem that stops startup: one line naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +172,8 @@ pub enum SmsRule {
 
 #[derive(Debug, Clone)]
 pub struct SmsConfig {
-    /// Checked at load: only `{token}`, `{{` and `}}` (see `crate::sms::BodyTemplate`).
-    pub body_template: String,
+    /// Checked at load: only `{token}`, `{{` and `}}`.
+    pub body_template: BodyTemplate,
     pub username: String,
     pub password: String,
     /// Where texts are POSTed (`http` or `https`).
@@ -620,8 +622,7 @@ fn sms(r: &Reader<'_>) -> Result<SmsConfig, ConfigError> {
             rules.insert(country.to_string(), rule);
         }
     }
-    let body_template = r.string(S, "bodytemplate")?;
-    crate::sms::BodyTemplate::parse(&body_template)
+    let body_template = BodyTemplate::parse(&r.string(S, "bodytemplate")?)
         .map_err(|e| ConfigError::invalid(S, "bodytemplate", e.to_string()))?;
     let api_url = r.string(S, "api_url")?;
     let api_url = reqwest::Url::parse(api_url.trim())
