@@ -355,8 +355,14 @@ impl Node {
         .start_with_queue();
         let sessions =
             ValidationSessions::new(session_rows, store_queue.clone(), crate::now_ms).start();
+        // The template files are read once, off the arbiter (disk I/O).
+        let templates_config = Arc::clone(&config);
         let templates =
-            Arc::new(Templates::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
+            actix_web::rt::task::spawn_blocking(move || Templates::new(&templates_config))
+                .await
+                .map_err(|e| StartError::Other(format!("template loading panicked: {e}")))?
+                .map_err(|e| StartError::Other(e.to_string()))?;
+        let templates = Arc::new(templates);
         let mailer =
             Arc::new(
                 Mailer::new(&config.email).map_err(|message| StartError::Setting {

@@ -196,7 +196,7 @@ fn email_address(address: &str) -> Result<&str, ApiError> {
 }
 
 /// The brand a request asks for (`?brand=`, also as a body argument).
-fn brand_of<'a>(req: &'a HttpRequest, args: &'a Args) -> Option<String> {
+fn brand_of(req: &HttpRequest, args: &Args) -> Option<String> {
     args.0
         .get("brand")
         .and_then(Value::as_str)
