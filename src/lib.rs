@@ -10,7 +10,8 @@
 //! - [`association`]: the signed 3PID → Matrix ID association.
 //! - [`db`]: SQLite (Sydent's schema, migrations, adopting a Sydent database), the queries.
 //! - [`actors`]: the owners of mutable state: the association store (single writer, group
-//!   commit), the peer registry and one push queue per peer, the WAL checkpointer.
+//!   commit), the peer registry and one push queue per peer, the WAL checkpointer, the
+//!   validation sessions, the persistent onbind delivery queue.
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
@@ -20,6 +21,7 @@
 //! - [`homeserver`]: the client for homeservers: server-name resolution, verified TLS, IP filter.
 //! - [`http`]: the client API, the internal API and the replication receiver.
 //! - [`templates`]: the email and page templates (Sydent's brand folders, Jinja2 rules).
+//! - [`invite`]: third-party invites: redaction, the signed invite blobs, the onbind body.
 //! - [`terms`]: the terms of service (`terms.path`), loaded at start and on SIGHUP.
 pub mod accounts;
 pub mod actors;
@@ -30,6 +32,7 @@ pub mod db;
 pub mod email;
 pub mod homeserver;
 pub mod http;
+pub mod invite;
 pub mod lookup_index;
 pub mod mesh;
 pub mod node;

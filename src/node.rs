@@ -14,15 +14,17 @@ use actix_web::{web, App, HttpServer};
 
 use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
+use crate::actors::onbind::{Deliver, OnbindQueue};
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::sessions::ValidationSessions;
-use crate::actors::store::{AssociationStore, Flush, StoreContext};
+use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext};
 use crate::config::Config;
 use crate::db;
 use crate::email::Mailer;
 use crate::homeserver::HomeserverClient;
 use crate::http::validate::ValidationLimits;
 use crate::http::{self, AppState};
+use crate::invite::PendingInviteKeys;
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
 use crate::sms::SmsSender;
@@ -222,6 +224,7 @@ impl Node {
             checkpoint_conn,
             account_rows,
             session_rows,
+            invite_state,
         ) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
@@ -299,6 +302,12 @@ impl Node {
                     path: db_file.clone(),
                     source,
                 })?;
+                let invite_state = db::invites::load_state(&mut conn).map_err(|source| {
+                    db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    }
+                })?;
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
@@ -308,6 +317,7 @@ impl Node {
                     checkpoint_conn,
                     account_rows,
                     session_rows,
+                    invite_state,
                 ))
             })
             .await
@@ -336,12 +346,19 @@ impl Node {
         let checkpointer =
             checkpoint_conn.map(|c| Checkpointer::new(c, Arc::clone(&written)).start());
         let (local_id_tx, local_id) = tokio::sync::watch::channel(max_local);
+        let pending_invites = Arc::new(PendingInviteKeys::default());
+        for (medium, address) in &invite_state.pending {
+            pending_invites.insert(medium, address);
+        }
+        let (onbind_tx, mut onbind_rx) = tokio::sync::mpsc::unbounded_channel();
         let store_ctx = Arc::new(StoreContext {
             server_name: config.general.server_name.clone(),
             signing_key: config.crypto.signing_key.clone(),
             pepper,
             now_ms: crate::now_ms,
             panic_on_bind: std::env::var("SYDENT_RS_TEST_PANIC_ON_BIND").ok(),
+            pending_invites: Arc::clone(&pending_invites),
+            onbind: Some(onbind_tx),
         });
         let (failed_tx, failed) = tokio::sync::oneshot::channel();
         let (store, store_queue) = AssociationStore::new(
@@ -355,6 +372,27 @@ impl Node {
         .start_with_queue();
         let sessions =
             ValidationSessions::new(session_rows, store_queue.clone(), crate::now_ms).start();
+        let homeserver =
+            Arc::new(HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
+        let onbind = OnbindQueue::new(
+            Arc::clone(&homeserver),
+            store_queue.clone(),
+            pending_invites,
+            config.general.delete_tokens_on_bind,
+            invite_state.given_up,
+        )
+        .start();
+        for row in invite_state.queued {
+            onbind.do_send(Deliver(QueuedDelivery::from_row(row)));
+        }
+        {
+            let onbind = onbind.clone();
+            actix_web::rt::spawn(async move {
+                while let Some(delivery) = onbind_rx.recv().await {
+                    onbind.do_send(Deliver(delivery));
+                }
+            });
+        }
         // The template files are read once, off the arbiter (disk I/O).
         let templates_config = Arc::clone(&config);
         let templates =
@@ -417,9 +455,8 @@ impl Node {
             replication: tls.as_ref().map(|_| active_peers.clone()),
             terms: terms.clone(),
             accounts: Accounts::from_rows(account_rows),
-            homeserver: Arc::new(
-                HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?,
-            ),
+            homeserver,
+            onbind,
             sessions,
             templates,
             mailer,

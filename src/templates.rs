@@ -682,6 +682,31 @@ fn urlencode_filter(value: &Value) -> Result<String, minijinja::Error> {
         .join("&"))
 }
 
+/// Python's `template % vars` for `%(name)s` and `%%` (e.g. Sydent's invite subjects); a
+/// name `vars` lacks is an error naming it.
+pub fn percent_format(
+    what: &str,
+    template: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<String, TemplateError> {
+    LegacyTemplate::parse(Path::new(what), template.to_string())?
+        .render(|key| vars.get(key).map(|v| Cow::Borrowed(v.as_str())))
+}
+
+/// A header value as RFC 2047 encoded words (UTF-8, folded), what Sydent's
+/// `Header(value, "utf8").encode()` gives its invite subjects: any text, line breaks included,
+/// is safe in a header this way. `header_len` is the length of `Name: ` before it.
+pub fn encoded_header_value(value: &str, header_len: usize) -> String {
+    let mut out = String::new();
+    {
+        let mut writer =
+            email_encoding::headers::writer::EmailWriter::new(&mut out, header_len, 0, false);
+        // Writing into a String cannot fail.
+        let _ = email_encoding::headers::rfc2047::encode(value, &mut writer);
+    }
+    out
+}
+
 /// The variables Sydent adds to every email: `messageid` (`<{ms}{16 letters}@{hostname}>`),
 /// `date` (RFC 2822 in UTC, as Python's `email.utils.formatdate()`), `to`, `from` and
 /// `multipart_boundary` (32 letters and digits, so user input cannot end a MIME part). Insert

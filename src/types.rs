@@ -114,7 +114,7 @@ fn normalise_email(address: &str) -> Result<String, InvalidValue> {
 
 /// Unicode full case folding, as Python's `str.casefold`; for ASCII (nearly every address)
 /// that is plain lowercasing, without walking Unicode tables.
-fn casefold(text: &str) -> String {
+pub fn casefold(text: &str) -> String {
     if text.is_ascii() {
         text.to_ascii_lowercase()
     } else {

@@ -26,9 +26,11 @@ use super::checkpoint::Written;
 use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
+use crate::db::invites::{self as invite_db, InviteWrite, NewDelivery};
 use crate::db::queries::{self, NewLocalRow, OriginMark};
 use crate::db::sessions::SessionWrite;
 use crate::db::{DbError, GlobalRow};
+use crate::invite::{onbind_body, PendingInviteKeys};
 use crate::lookup_index::{Change, SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
 
@@ -195,6 +197,45 @@ pub struct StoreContext {
     /// Test-only fault hook: the commit thread panics when it writes a bind of this address
     /// (`SYDENT_RS_TEST_PANIC_ON_BIND`), so the tests can see what a broken store does.
     pub panic_on_bind: Option<String>,
+    /// The 3PIDs that may have invites waiting: a bind (local or replicated) of one of them
+    /// queues the onbind delivery of its invites in the same transaction.
+    pub pending_invites: Arc<PendingInviteKeys>,
+    /// Where committed onbind deliveries go (the delivery actor); `None` in tools that only
+    /// write.
+    pub onbind: Option<tokio::sync::mpsc::UnboundedSender<QueuedDelivery>>,
+}
+
+/// An onbind delivery committed to the queue table, for the delivery actor.
+#[derive(Debug, Clone)]
+pub struct QueuedDelivery {
+    pub id: i64,
+    /// The homeserver: the mxid's server name.
+    pub destination: String,
+    pub medium: String,
+    pub address: String,
+    pub body: Arc<str>,
+    pub created_ts: i64,
+}
+
+impl QueuedDelivery {
+    /// A delivery left queued before the start (its 3PID read back from its body).
+    pub fn from_row(row: crate::db::invites::DeliveryRow) -> Self {
+        let threepid = serde_json::from_str::<serde_json::Value>(&row.body).ok();
+        let field = |name: &str| {
+            threepid
+                .as_ref()
+                .and_then(|b| b.get(name)?.as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        Self {
+            id: row.id,
+            medium: field("medium"),
+            address: field("address"),
+            destination: row.destination,
+            body: row.body.into(),
+            created_ts: row.created_ts,
+        }
+    }
 }
 
 enum Write {
@@ -204,6 +245,10 @@ enum Write {
     Replicated(ApplyReplicated, oneshot::Sender<Result<usize, StoreError>>),
     Account(AccountWrite, oneshot::Sender<Result<bool, StoreError>>),
     Session(SessionWrite, oneshot::Sender<Result<(), StoreError>>),
+    Invite(InviteWrite, oneshot::Sender<Result<(), StoreError>>),
+    /// Not a write: the sender of an invite token (`sign-ed25519`), read on the writer's
+    /// connection so that it sees every committed invite (also of a `:memory:` database).
+    InviteSender(String, oneshot::Sender<Result<Option<String>, StoreError>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -214,6 +259,9 @@ enum Applied {
         /// Our signature in `signed`, when the index can keep it compactly.
         signature: Option<[u8; 64]>,
         row: GlobalRow,
+        /// The 3PID had invites waiting: their delivery, queued with the bind (its body, the
+        /// association with the invites, is also the bind's answer, as in Sydent).
+        onbind: Option<Box<QueuedDelivery>>,
     },
     Unbound {
         tombstone_id: Option<i64>,
@@ -224,8 +272,11 @@ enum Applied {
         inserted: Vec<GlobalRow>,
         /// (medium, address, tombstone origin id)
         removed: Vec<(String, String, i64)>,
+        /// Invites this node held for bindings in the batch, queued for delivery.
+        onbind: Vec<QueuedDelivery>,
     },
     Account(bool),
+    InviteSender(Option<String>),
     Nothing,
 }
 
@@ -295,8 +346,24 @@ impl StoreQueue {
         &self,
         write: SessionWrite,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> {
+        self.queue_now(|tx| Write::Session(write, tx))
+    }
+
+    /// Queues an invite write (as [`Self::write_session`]: in the caller's order, without
+    /// waiting for room); the future answers once it is committed.
+    pub fn write_invite(
+        &self,
+        write: InviteWrite,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> {
+        self.queue_now(|tx| Write::Invite(write, tx))
+    }
+
+    fn queue_now(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Write,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> {
         let (tx, rx) = oneshot::channel();
-        let queued = lock(&self.pending).push(Write::Session(write, tx));
+        let queued = lock(&self.pending).push(make(tx));
         if let Ok(true) = queued {
             self.store.do_send(StartCommit);
         }
@@ -304,6 +371,11 @@ impl StoreQueue {
             queued?;
             rx.await.unwrap_or(Err(StoreError::Stopped))
         }
+    }
+
+    /// The sender of the invite whose token this is, if it is still stored.
+    pub async fn invite_sender(&self, token: String) -> Result<Option<String>, StoreError> {
+        self.submit(|tx| Write::InviteSender(token, tx)).await
     }
 
     async fn submit<T>(
@@ -453,9 +525,16 @@ fn finish_batch(
     };
     let mut newest_local = None;
     let mut changes = Vec::new();
+    let mut deliveries = Vec::new();
     for applied in results.iter().flatten() {
         match applied {
-            Applied::Bound { row, signature, .. } => {
+            Applied::Bound {
+                row,
+                signature,
+                onbind,
+                ..
+            } => {
+                deliveries.extend(onbind.iter().map(|d| (**d).clone()));
                 newest_local = newest_local.max(Some(row.origin_id));
                 let signatures = match signature {
                     Some(signature) => Signatures::Own(*signature),
@@ -467,7 +546,9 @@ fn finish_batch(
                 origin,
                 inserted,
                 removed,
+                onbind,
             } => {
+                deliveries.extend(onbind.iter().cloned());
                 for row in inserted {
                     changes.push(Change::Insert(row.clone(), Signatures::FromRow));
                 }
@@ -497,6 +578,19 @@ fn finish_batch(
             _ => {}
         }
     }
+    for (write, result) in batch.iter().zip(&results) {
+        if let (Write::Invite(InviteWrite::Store(invite), _), Ok(_)) = (write, result) {
+            ctx.pending_invites.insert(&invite.medium, &invite.address);
+        }
+    }
+    for delivery in deliveries {
+        ctx.pending_invites
+            .remove(&delivery.medium, &delivery.address);
+        if let Some(onbind) = &ctx.onbind {
+            // Closed only while the node stops: the delivery is in the table for next start.
+            let _ = onbind.send(delivery);
+        }
+    }
     // One change per row written (a binding inserted, or an origin's rows for a 3PID removed).
     written.fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     index.apply(changes);
@@ -513,6 +607,10 @@ fn finish_batch(
         match write {
             Write::Bind(_, reply) => {
                 let _ = reply.send(result.and_then(|a| match a {
+                    Applied::Bound {
+                        onbind: Some(onbind),
+                        ..
+                    } => Ok(onbind.body),
                     Applied::Bound { signed, .. } => Ok(signed),
                     _ => Err(StoreError::Db("a bind was applied as an unbind".into())),
                 }));
@@ -537,8 +635,14 @@ fn finish_batch(
             Write::Account(_, reply) => {
                 let _ = reply.send(result.map(|a| matches!(a, Applied::Account(true))));
             }
-            Write::Session(_, reply) => {
+            Write::Session(_, reply) | Write::Invite(_, reply) => {
                 let _ = reply.send(result.map(|_| ()));
+            }
+            Write::InviteSender(_, reply) => {
+                let _ = reply.send(result.map(|a| match a {
+                    Applied::InviteSender(sender) => sender,
+                    _ => None,
+                }));
             }
             Write::Flush(reply) => {
                 let _ = reply.send(());
@@ -720,6 +824,13 @@ fn apply(
             crate::db::sessions::apply(conn, write)?;
             Ok(Applied::Nothing)
         }
+        Write::Invite(write, _) => {
+            invite_db::apply(conn, write)?;
+            Ok(Applied::Nothing)
+        }
+        Write::InviteSender(token, _) => {
+            Ok(Applied::InviteSender(invite_db::sender_of(conn, token)?))
+        }
         Write::Flush(_) => Ok(Applied::Nothing),
     }
 }
@@ -781,10 +892,12 @@ fn apply_bind(
     };
     // The id is new and larger than any of ours: no re-send or newer row to check for.
     queries::supersede_global(conn, &row)?;
+    let onbind = queue_invites(conn, ctx, &row, || Ok(assoc.to_json()))?.map(Box::new);
     Ok(Applied::Bound {
         signed: Arc::clone(&bind.sg_assoc),
         signature: bind.signature,
         row,
+        onbind,
     })
 }
 
@@ -813,6 +926,7 @@ fn apply_replicated(
     let above = mark.map_or(i64::MIN, |m| m.origin_id);
     let mut inserted = Vec::new();
     let mut removed = Vec::new();
+    let mut onbind = Vec::new();
     let mut new_mark = mark;
     for item in batch.items.iter().filter(|i| i.origin_id > above) {
         new_mark = Some(OriginMark {
@@ -835,6 +949,13 @@ fn apply_replicated(
                 };
                 // Above the mark: newer than every row of this origin stored here.
                 queries::supersede_global(conn, &row)?;
+                // The invites this node stored reach the invitee wherever the address was
+                // bound: the association as received, with the invites, signed by us.
+                let received = || {
+                    serde_json::from_str(&row.sg_assoc)
+                        .map_err(|e| StoreError::Db(format!("a stored association: {e}")))
+                };
+                onbind.extend(queue_invites(conn, ctx, &row, received)?);
                 inserted.push(row);
             }
             None => {
@@ -858,7 +979,52 @@ fn apply_replicated(
         origin: batch.origin.to_string(),
         inserted,
         removed,
+        onbind,
     })
+}
+
+/// Queues the onbind delivery of the invites waiting for `row`'s 3PID, if any (inside the
+/// bind's transaction): its body is `association` (built only then) with the invites, signed
+/// by this node.
+fn queue_invites(
+    conn: &mut SqliteConnection,
+    ctx: &StoreContext,
+    row: &GlobalRow,
+    association: impl FnOnce() -> Result<serde_json::Map<String, serde_json::Value>, StoreError>,
+) -> Result<Option<QueuedDelivery>, StoreError> {
+    if !ctx.pending_invites.may_have(&row.medium, &row.address) {
+        return Ok(None);
+    }
+    let invites = invite_db::pending_for(conn, &row.medium, &row.address)?;
+    if invites.is_empty() {
+        return Ok(None);
+    }
+    let body = onbind_body(association()?, &invites, &ctx.server_name, &ctx.signing_key)?;
+    let destination = row
+        .mxid
+        .split_once(':')
+        .map_or("", |(_, server)| server)
+        .to_string();
+    let created_ts = (ctx.now_ms)();
+    let ids: Vec<i64> = invites.iter().map(|i| i.id).collect();
+    let id = invite_db::claim_delivery(
+        conn,
+        &NewDelivery {
+            destination: &destination,
+            mxid: &row.mxid,
+            body: &body,
+            created_ts,
+            invite_ids: &ids,
+        },
+    )?;
+    Ok(Some(QueuedDelivery {
+        id,
+        destination,
+        medium: row.medium.clone(),
+        address: row.address.clone(),
+        body: body.into(),
+        created_ts,
+    }))
 }
 
 fn apply_unbind(

@@ -93,6 +93,12 @@ impl NodeSigningKey {
         VerifyKey(self.key.verifying_key())
     }
 
+    /// The seed in URL-safe unpadded base64: how an invite's ephemeral private key travels in
+    /// the invite mail's link (never for the node's own key).
+    pub fn seed_base64_urlsafe(&self) -> String {
+        super::encode_base64_urlsafe(self.key.to_bytes())
+    }
+
     /// The raw ed25519 signature of `message` (JSON is signed with [`super::sign_json`]).
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
@@ -143,6 +149,11 @@ impl VerifyKey {
     }
 
     /// Standard unpadded base64, as `/pubkey/ed25519:0` serves it.
+    /// URL-safe unpadded base64, the form Sydent gives ephemeral (invite) keys.
+    pub fn to_base64_urlsafe(&self) -> String {
+        super::encode_base64_urlsafe(self.0.as_bytes())
+    }
+
     pub fn to_base64(&self) -> String {
         encode_base64(self.0.as_bytes())
     }

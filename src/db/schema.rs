@@ -149,4 +149,41 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    invite_tokens (id) {
+        id -> BigInt,
+        medium -> Text,
+        address -> Text,
+        room_id -> Text,
+        sender -> Text,
+        token -> Text,
+        /// Seconds, as Sydent.
+        received_ts -> Nullable<BigInt>,
+        /// Seconds: when the homeserver accepted the invite on bind.
+        sent_ts -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    /// sydent-rs: the persistent onbind queue (migrations/…_onbind_deliveries).
+    onbind_deliveries (id) {
+        id -> BigInt,
+        destination -> Text,
+        mxid -> Text,
+        body -> Text,
+        created_ts -> BigInt,
+        gave_up_ts -> Nullable<BigInt>,
+        last_error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    /// sydent-rs: which invites a queued onbind delivery carries.
+    onbind_delivery_invites (invite_id) {
+        invite_id -> BigInt,
+        delivery_id -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);
+diesel::allow_tables_to_appear_in_same_query!(invite_tokens, onbind_delivery_invites);

@@ -179,6 +179,43 @@ impl HomeserverClient {
         path_and_query: &str,
         limit: usize,
     ) -> Result<Answer, HomeserverError> {
+        self.send(
+            server_name,
+            reqwest::Method::GET,
+            path_and_query,
+            None,
+            limit,
+        )
+        .await
+    }
+
+    /// POST the JSON text `body` to `path` on homeserver `server_name`, reading at most
+    /// `limit` bytes of the answer. The status is the caller's to judge.
+    pub async fn post_json(
+        &self,
+        server_name: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        limit: usize,
+    ) -> Result<Answer, HomeserverError> {
+        self.send(
+            server_name,
+            reqwest::Method::POST,
+            path,
+            Some(body.into()),
+            limit,
+        )
+        .await
+    }
+
+    async fn send(
+        &self,
+        server_name: &str,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<reqwest::Body>,
+        limit: usize,
+    ) -> Result<Answer, HomeserverError> {
         let target = self.resolve(server_name).await?;
         let unreachable = |e: reqwest::Error| {
             if refused_address(&e) {
@@ -190,13 +227,16 @@ impl HomeserverClient {
                 }
             }
         };
-        let response = self
+        let mut request = self
             .federation
-            .get(format!("{}{path_and_query}", target.base_url))
-            .header(reqwest::header::HOST, &target.host_header)
-            .send()
-            .await
-            .map_err(unreachable)?;
+            .request(method, format!("{}{path_and_query}", target.base_url))
+            .header(reqwest::header::HOST, &target.host_header);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
         let body = read_capped(response, limit, server_name).await?;
         Ok(Answer { status, body })

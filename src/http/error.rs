@@ -105,6 +105,16 @@ pub enum ApiError {
     /// 403 `M_FORBIDDEN`: e.g. unbinding a 3PID other than the session's.
     #[error("{0}")]
     Refused(String),
+    /// 400 `M_UNRECOGNIZED`: e.g. an invite to a medium other than email.
+    #[error("{0}")]
+    Unrecognized(String),
+    /// 404 `M_UNRECOGNIZED`: e.g. an invite token this node does not hold.
+    #[error("{0}")]
+    UnrecognizedToken(String),
+    /// 400 `M_THREEPID_IN_USE` with the Matrix ID the 3PID is bound to (Sydent's answer to an
+    /// invite of a bound address).
+    #[error("Binding already known")]
+    ThreepidInUse { mxid: String },
     /// 500 `M_UNKNOWN`; the cause is logged, not sent.
     #[error("Internal server error")]
     Internal(String),
@@ -113,7 +123,11 @@ pub enum ApiError {
 impl ApiError {
     pub fn errcode(&self) -> &'static str {
         match self {
-            Self::UnknownEndpoint | Self::MethodNotAllowed => "M_UNRECOGNIZED",
+            Self::UnknownEndpoint
+            | Self::MethodNotAllowed
+            | Self::Unrecognized(_)
+            | Self::UnrecognizedToken(_) => "M_UNRECOGNIZED",
+            Self::ThreepidInUse { .. } => "M_THREEPID_IN_USE",
             Self::BadJson(_) => "M_BAD_JSON",
             Self::MissingParams(_) => "M_MISSING_PARAMS",
             Self::InvalidParam(_) => "M_INVALID_PARAM",
@@ -146,9 +160,10 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::UnknownEndpoint | Self::NotFound(_) | Self::NoValidSession(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Self::UnknownEndpoint
+            | Self::NotFound(_)
+            | Self::NoValidSession(_)
+            | Self::UnrecognizedToken(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadJson(_)
             | Self::MissingParams(_)
@@ -164,7 +179,9 @@ impl ResponseError for ApiError {
             | Self::InvalidAddress(_)
             | Self::DestinationRejected(_)
             | Self::EmailSend(_)
-            | Self::SmsSend(_) => StatusCode::BAD_REQUEST,
+            | Self::SmsSend(_)
+            | Self::Unrecognized(_)
+            | Self::ThreepidInUse { .. } => StatusCode::BAD_REQUEST,
             Self::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Refused(_) => StatusCode::FORBIDDEN,
             Self::OriginIdsRestarted(_) => StatusCode::CONFLICT,
@@ -196,6 +213,9 @@ impl ResponseError for ApiError {
         }
         if let Self::LimitExceeded { retry_after_ms, .. } = self {
             body["retry_after_ms"] = json!(retry_after_ms);
+        }
+        if let Self::ThreepidInUse { mxid } = self {
+            body["mxid"] = json!(mxid);
         }
         if let Self::InvalidPepper { lookup_pepper } = self {
             body["algorithm"] = json!("sha256");

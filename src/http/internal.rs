@@ -12,7 +12,19 @@ use crate::types::{Mxid, Threepid};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/identity/internal/bind").route(web::post().to(bind)))
-        .service(resource("/_matrix/identity/internal/unbind").route(web::post().to(unbind)));
+        .service(resource("/_matrix/identity/internal/unbind").route(web::post().to(unbind)))
+        .service(resource("/_matrix/identity/internal/onbind").route(web::get().to(onbind)));
+}
+
+/// GET /_matrix/identity/internal/onbind: the onbind delivery queue (per homeserver: queued,
+/// in flight, state, last error, next attempt), deliveries made and given up on.
+async fn onbind(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let status = state
+        .onbind
+        .send(crate::actors::onbind::GetStatus)
+        .await
+        .map_err(|e| ApiError::Internal(format!("onbind queue unreachable: {e}")))?;
+    Ok(HttpResponse::Ok().json(status))
 }
 
 fn parse(args: &Args) -> Result<(Threepid, Mxid), ApiError> {

@@ -13,6 +13,7 @@ mod account;
 pub mod error;
 pub mod extract;
 mod internal;
+mod invite;
 mod lookup;
 mod pubkey;
 pub mod replication;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub accounts: crate::accounts::Accounts,
     /// The client for homeservers (OpenID userinfo, later onbind and key fetches).
     pub homeserver: Arc<crate::homeserver::HomeserverClient>,
+    /// The onbind delivery queue (its status on the internal API).
+    pub onbind: Addr<crate::actors::onbind::OnbindQueue>,
     /// The validation sessions' owner.
     pub sessions: Addr<crate::actors::sessions::ValidationSessions>,
     /// Email and page templates, per brand.
@@ -102,6 +105,7 @@ pub fn client_api(cfg: &mut web::ServiceConfig, config: &Config) {
     terms::configure(cfg);
     account::configure(cfg);
     validate::configure(cfg, config.general.enable_v1_access);
+    invite::configure(cfg, config.general.enable_v1_access);
     threepid::configure(
         cfg,
         config.general.enable_v1_access,

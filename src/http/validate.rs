@@ -196,7 +196,7 @@ fn email_address(address: &str) -> Result<&str, ApiError> {
 }
 
 /// The brand a request asks for (`?brand=`, also as a body argument).
-fn brand_of(req: &HttpRequest, args: &Args) -> Option<String> {
+pub(super) fn brand_of(req: &HttpRequest, args: &Args) -> Option<String> {
     args.0
         .get("brand")
         .and_then(Value::as_str)
@@ -317,21 +317,36 @@ async fn email_request_token(
             .templates
             .render_email(&brand, TemplateKind::Verification, &vars)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        state
-            .mailer
-            .send(email, message.as_bytes())
-            .await
-            .map_err(|e| match e {
-                EmailError::InvalidAddress(_) => {
-                    ApiError::InvalidEmail("The email address provided is not valid".into())
-                }
-                EmailError::Send(cause) => {
-                    ApiError::EmailSend(format!("validation email for session {sid}: {cause}"))
-                }
-            })
+        send_mail(
+            &state,
+            email,
+            &message,
+            &format!("validation email for session {sid}"),
+        )
+        .await
     };
     deliver(&state, sid, send).await?;
     Ok(sid_answer(sid))
+}
+
+/// Sends `message` to `to`: an address the mail server refuses is 400 `M_INVALID_EMAIL`, a
+/// failure to send 400 `M_EMAIL_SEND_ERROR` (logged with `what`).
+pub(super) async fn send_mail(
+    state: &AppState,
+    to: &str,
+    message: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    state
+        .mailer
+        .send(to, message.as_bytes())
+        .await
+        .map_err(|e| match e {
+            EmailError::InvalidAddress(_) => {
+                ApiError::InvalidEmail("The email address provided is not valid".into())
+            }
+            EmailError::Send(cause) => ApiError::EmailSend(format!("{what}: {cause}")),
+        })
 }
 
 fn sid_answer(sid: i64) -> HttpResponse {

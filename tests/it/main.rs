@@ -10,6 +10,7 @@ mod email;
 mod errors;
 pub mod homeserver;
 mod internal_bind;
+mod invites;
 mod lookup_v2;
 mod mesh;
 mod sms;

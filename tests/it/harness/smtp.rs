@@ -18,6 +18,13 @@ pub struct Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Sink {
+    /// Stops the server: its port refuses connections from now on.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
