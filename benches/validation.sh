@@ -3,7 +3,9 @@
 #  1. v1 email requestToken, each request a new session whose mail goes to a local SMTP sink
 #     (aiosmtpd, tests/smtp/, keeping only a count), CONNS connections: requests/s, p99, and
 #     the mails the sink received;
-#  2. submitToken then 3pid/bind of sessions made beforehand (written into the database as a
+#  2. v1 store-invite (issue 16 target), each request a new address, the invite mail to the
+#     same sink: requests/s, p99, mails received;
+#  3. submitToken then 3pid/bind of sessions made beforehand (written into the database as a
 #     Sydent would, tokens known), one connection per wrk thread so each bind follows its own
 #     submitToken: pairs/s (half the requests/s).
 #
@@ -83,10 +85,33 @@ sleep 1
 report "email requestToken ($CONNS conns, $SINK_KIND)" < "$DIR/request.out"
 grep -E 'Non-2xx|Socket errors' "$DIR/request.out" || true
 echo "  mails received by the sink: $(mails), requests answered: $(awk '/requests in/ {print $1}' "$DIR/request.out")"
+
+# 2. store-invite: a new address per request; every invite stored and mailed.
+before=$(mails)
+cat > "$DIR/invite.lua" <<'LUA'
+local counter = 0
+local id = 0
+local threads = 0
+function setup(thread) thread:set("id", threads); threads = threads + 1 end
+function init(args) id = wrk.thread:get("id") end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  counter = counter + 1
+  local body = string.format('{"medium": "email", "address": "invitee-%d-%d@example.org", "room_id": "!room:example.org", "sender": "@alice:example.org", "sender_display_name": "Alice", "room_name": "Bench room"}', id, counter)
+  return wrk.format(nil, "/_matrix/identity/api/v1/store-invite", nil, body)
+end
+LUA
+wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/invite.lua" "http://127.0.0.1:$CPORT" > "$DIR/invite.out"
+sleep 1
+report "store-invite ($CONNS conns, $SINK_KIND)" < "$DIR/invite.out"
+grep -E 'Non-2xx|Socket errors' "$DIR/invite.out" || true
+echo "  invite mails received by the sink: $(( $(mails) - before )), requests answered: $(awk '/requests in/ {print $1}' "$DIR/invite.out")"
 kill $NODE; wait $NODE 2>/dev/null || true
+echo "  invites stored: $(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT COUNT(*) FROM invite_tokens").fetchone()[0])' "$DIR/sydent.db")"
 rm -f "$DIR"/sydent.db*
 
-# 2. submitToken + bind: SESSIONS sessions as a Sydent would have left them (sid = n, secret
+# 3. submitToken + bind: SESSIONS sessions as a Sydent would have left them (sid = n, secret
 # "s", token "t<n>"), written into the node's database between two starts.
 start_node
 kill $NODE; wait $NODE 2>/dev/null || true

@@ -96,15 +96,16 @@ async fn store_invite(
             message: "Too many invites sent: try again later".into(),
             retry_after_ms: l.retry_after_ms,
         })?;
-    let normalised = match Medium::parse(medium) {
-        Some(Medium::Email) => casefold(address),
-        _ => address.to_string(),
-    };
-    if let Some(medium) = Medium::parse(medium) {
+    let parsed_medium = Medium::parse(medium);
+    if let Some(medium) = parsed_medium {
+        let normalised = match medium {
+            Medium::Email => casefold(address),
+            Medium::Msisdn => address.to_string(),
+        };
         let now = crate::now_ms();
         let bound = state
             .index
-            .lookup(vec![(medium, normalised.clone())], move |index, asked| {
+            .lookup(vec![(medium, normalised)], move |index, asked| {
                 index
                     .get(medium, &asked[0].1, now)
                     .map(|b| b.mxid().to_string())
@@ -114,7 +115,7 @@ async fn store_invite(
             return Err(ApiError::ThreepidInUse { mxid });
         }
     }
-    if Medium::parse(medium) != Some(Medium::Email) {
+    if parsed_medium != Some(Medium::Email) {
         return Err(ApiError::Unrecognized(format!(
             "Didn't understand medium '{medium}'"
         )));
