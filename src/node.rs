@@ -20,7 +20,7 @@ use crate::actors::store::{AssociationStore, Flush, StoreContext};
 use crate::config::Config;
 use crate::db;
 use crate::email::Mailer;
-use crate::homeserver::HomeserverClient;
+use crate::homeserver::{HomeserverClient, ServerKeys};
 use crate::http::validate::ValidationLimits;
 use crate::http::{self, AppState};
 use crate::lookup_index::{LookupIndex, SharedIndex};
@@ -406,6 +406,8 @@ impl Node {
                 )
             }
         };
+        let homeserver =
+            Arc::new(HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
         let state = web::Data::new(AppState {
             config: Arc::clone(&config),
             store: store.clone(),
@@ -417,9 +419,8 @@ impl Node {
             replication: tls.as_ref().map(|_| active_peers.clone()),
             terms: terms.clone(),
             accounts: Accounts::from_rows(account_rows),
-            homeserver: Arc::new(
-                HomeserverClient::new(&config).map_err(|e| StartError::Other(e.to_string()))?,
-            ),
+            server_keys: Arc::new(ServerKeys::new(Arc::clone(&homeserver))),
+            homeserver,
             sessions,
             templates,
             mailer,
