@@ -17,6 +17,7 @@ mod sydent_db;
 mod sydent_interop;
 mod templates;
 mod terms;
+mod unbind_signed;
 mod validation;
 mod validation_sms;
 mod vectors;
