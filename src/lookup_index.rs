@@ -289,11 +289,19 @@ impl LookupIndex {
         }
     }
 
-    /// Removes `origin`'s bindings of a 3PID older than `before_origin_id` (its tombstone).
-    pub fn remove(&mut self, origin: &str, medium: Medium, address: &str, before_origin_id: i64) {
-        let Some(&origin) = self.origin_numbers.get(origin) else {
-            return;
-        };
+    /// Applies `origin`'s tombstone of a 3PID (its id `before_origin_id`, its `ts`
+    /// `before_ts`): removes `origin`'s bindings of the 3PID older than the tombstone and
+    /// every other origin's binding of it with an older `ts`, as the store removes them from
+    /// the global table (`queries::delete_global_before_tombstone`).
+    pub fn remove(
+        &mut self,
+        origin: &str,
+        medium: Medium,
+        address: &str,
+        before_origin_id: i64,
+        before_ts: i64,
+    ) {
+        let origin = self.origin_numbers.get(origin).copied();
         let key = Threepid::lookup_key(medium, address);
         let Some(head) = self.head(medium, &key) else {
             return;
@@ -302,7 +310,12 @@ impl LookupIndex {
         let mut at = head;
         while let Some(record) = self.records.get(at as usize) {
             let next = record.next;
-            if record.origin == origin && record.origin_id < before_origin_id {
+            let superseded = if Some(record.origin) == origin {
+                record.origin_id < before_origin_id
+            } else {
+                record.ts < before_ts
+            };
+            if superseded {
                 if previous == NONE {
                     self.replace_head(medium, &key, at, next);
                 } else {
@@ -590,12 +603,14 @@ impl Found<'_> {
 /// A committed change, as the store hands it to the index.
 pub enum Change {
     Insert(GlobalRow, Signatures),
-    /// A tombstone: `origin`'s bindings of the 3PID older than `before_origin_id` go.
+    /// A tombstone: `origin`'s bindings of the 3PID older than `before_origin_id` go, and
+    /// every other origin's with a `ts` older than `before_ts` (see [`LookupIndex::remove`]).
     Remove {
         origin: String,
         medium: Medium,
         address: String,
         before_origin_id: i64,
+        before_ts: i64,
     },
 }
 
@@ -608,7 +623,8 @@ impl LookupIndex {
                 medium,
                 address,
                 before_origin_id,
-            } => self.remove(&origin, medium, &address, before_origin_id),
+                before_ts,
+            } => self.remove(&origin, medium, &address, before_origin_id, before_ts),
         }
     }
 }
@@ -959,13 +975,14 @@ mod tests {
         // Another pepper, another hash.
         let foreign = crate::crypto::lookup_hash_bytes("x@y.z", "email", "other pepper");
         assert!(index.get_hashed(&foreign, 300).is_none());
-        // The chain's first record goes (a's tombstone): the hash now leads to b's.
-        index.remove("a", Medium::Email, "x@y.z", 5);
+        // The chain's first record goes (a's tombstone, older than b's binding): the hash now
+        // leads to b's.
+        index.remove("a", Medium::Email, "x@y.z", 5, 150);
         assert_eq!(
             index.get_hashed(&digest("x@y.z"), 300).unwrap().mxid(),
             "@b:b"
         );
-        index.remove("b", Medium::Email, "x@y.z", 5);
+        index.remove("b", Medium::Email, "x@y.z", 5, 250);
         assert!(index.get_hashed(&digest("x@y.z"), 300).is_none());
         // Through a growth of the table (no hash is computed again for it).
         for i in 0..2_000 {
@@ -1006,17 +1023,48 @@ mod tests {
             "@new:a"
         );
         assert_eq!(index.newest_ts(Medium::Email, "x@y.z"), Some(300));
-        // a's binding is gone, not just hidden
-        index.remove("a", Medium::Email, "x@y.z", 3);
+        // a's binding is gone, not just hidden (a tombstone whose ts, from a's clock, is
+        // older than b's binding: b's stays)
+        index.remove("a", Medium::Email, "x@y.z", 3, 150);
         assert_eq!(
             index.get(Medium::Email, "x@y.z", 350).unwrap().mxid(),
             "@b:b"
         );
         // outside its validity window a binding is not served
         assert!(index.get(Medium::Email, "x@y.z", 5000).is_none());
-        index.remove("b", Medium::Email, "x@y.z", 8);
+        index.remove("b", Medium::Email, "x@y.z", 8, 250);
         assert!(index.is_empty());
         assert!(index.get(Medium::Email, "x@y.z", 250).is_none());
+    }
+
+    /// The last write wins across origins: a tombstone removes its origin's older bindings
+    /// and other origins' bindings older than it, not a newer one, also from an origin the
+    /// index has never seen.
+    #[test]
+    fn a_tombstone_removes_older_bindings_of_every_origin() {
+        let digest = crate::crypto::lookup_hash_bytes("x@y.z", "email", "pepper");
+        let mut index = LookupIndex::new("me", "pepper", 0);
+        index.insert(row("a", 1, "x@y.z", "@a:a", 100), Signatures::FromRow);
+        index.insert(row("b", 7, "x@y.z", "@b:b", 150), Signatures::FromRow);
+        index.insert(row("c", 3, "x@y.z", "@c:c", 300), Signatures::FromRow);
+        index.insert(row("b", 8, "other@y.z", "@o:b", 10), Signatures::FromRow);
+        // a's tombstone at ts 200: a's and b's bindings go, c's newer one stays.
+        index.remove("a", Medium::Email, "x@y.z", 2, 200);
+        let left: Vec<&str> = index
+            .chain(index.head(Medium::Email, "x@y.z"))
+            .map(|r| index.mxid_of(r))
+            .collect();
+        assert_eq!(left, ["@c:c"]);
+        assert_eq!(index.get_hashed(&digest, 350).unwrap().mxid(), "@c:c");
+        assert_eq!(
+            index.get(Medium::Email, "other@y.z", 20).unwrap().mxid(),
+            "@o:b"
+        );
+        // A tombstone from an origin with no binding here, newer than c's.
+        index.remove("never.seen", Medium::Email, "x@y.z", 1, 301);
+        assert!(index.get(Medium::Email, "x@y.z", 350).is_none());
+        assert!(index.get_hashed(&digest, 350).is_none());
+        assert_eq!(index.len(), 1);
     }
 
     #[test]
@@ -1029,7 +1077,7 @@ mod tests {
                 Signatures::FromRow,
             );
             if round % 3 == 0 {
-                index.remove("me", Medium::Email, &address, round + 2);
+                index.remove("me", Medium::Email, &address, round + 2, round + 1);
             }
         }
         assert!(index.len() <= 1000);

@@ -21,7 +21,7 @@ use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext
 use crate::config::Config;
 use crate::db;
 use crate::email::Mailer;
-use crate::homeserver::HomeserverClient;
+use crate::homeserver::{HomeserverClient, ServerKeys};
 use crate::http::validate::ValidationLimits;
 use crate::http::{self, AppState};
 use crate::invite::PendingInviteKeys;
@@ -455,6 +455,7 @@ impl Node {
             replication: tls.as_ref().map(|_| active_peers.clone()),
             terms: terms.clone(),
             accounts: Accounts::from_rows(account_rows),
+            server_keys: Arc::new(ServerKeys::new(Arc::clone(&homeserver))),
             homeserver,
             onbind,
             sessions,

@@ -27,11 +27,11 @@ use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::invites::{self as invite_db, InviteWrite, NewDelivery};
-use crate::db::queries::{self, NewLocalRow, OriginMark};
+use crate::db::queries::{self, NewLocalRow, OriginMark, Tombstone};
 use crate::db::sessions::SessionWrite;
 use crate::db::{DbError, GlobalRow};
 use crate::invite::{onbind_body, PendingInviteKeys};
-use crate::lookup_index::{Change, SharedIndex, Signatures};
+use crate::lookup_index::{Change, LookupIndex, SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
 
 /// Most writes committed in one transaction; the rest wait for the next one.
@@ -98,9 +98,12 @@ impl Bind {
     }
 }
 
-/// Sent by the unbind handlers: remove the binding of `threepid` to `mxid` made on this node,
-/// writing the tombstone that replication carries to peers. Answers whether a binding was
-/// removed (false when there was none to that mxid: unbind is idempotent).
+/// Sent by the unbind handlers (client API, with a session or signed by the homeserver, and
+/// internal API): remove the binding of `threepid` to `mxid`, when it is the one lookups on
+/// this node answer, made here or on a peer. The node writes a tombstone of its own, newer
+/// than every binding of the 3PID it knows, which replication carries to peers and which
+/// removes those bindings everywhere (see [`ApplyReplicated`]). Answers whether a binding was
+/// removed (false when the 3PID is not bound to that mxid: unbind is idempotent).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<bool, StoreError>")]
 pub struct Unbind {
@@ -128,9 +131,10 @@ pub struct Replicated {
 /// Sent by the replication receiver: apply a verified batch from `origin`, all or nothing.
 /// Rows at or below the origin's mark (the highest id applied from it) are re-sends or late
 /// copies and are skipped; above it, bindings go into the global table and a tombstone removes
-/// that origin's older rows for its 3PID (never another origin's), and the mark moves to the
-/// batch's last id. Answers how many rows were applied; refuses the whole batch with
-/// [`StoreError::OriginIdsRestarted`] when the origin's ids started again.
+/// that origin's older rows for its 3PID and every other origin's row for it with an older
+/// `ts` (the last write wins), and the mark moves to the batch's last id. Answers how many
+/// rows were applied; refuses the whole batch with [`StoreError::OriginIdsRestarted`] when
+/// the origin's ids started again.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct ApplyReplicated {
@@ -264,14 +268,15 @@ enum Applied {
         onbind: Option<Box<QueuedDelivery>>,
     },
     Unbound {
-        tombstone_id: Option<i64>,
+        /// The tombstone written: (local id, ts); None when nothing was bound to that mxid.
+        tombstone: Option<(i64, i64)>,
         threepid: Threepid,
     },
     Replicated {
         origin: String,
         inserted: Vec<GlobalRow>,
-        /// (medium, address, tombstone origin id)
-        removed: Vec<(String, String, i64)>,
+        /// (medium, address, tombstone origin id, tombstone ts)
+        removed: Vec<(String, String, i64, i64)>,
         /// Invites this node held for bindings in the batch, queued for delivery.
         onbind: Vec<QueuedDelivery>,
     },
@@ -552,19 +557,20 @@ fn finish_batch(
                 for row in inserted {
                     changes.push(Change::Insert(row.clone(), Signatures::FromRow));
                 }
-                for (medium, address, id) in removed {
+                for (medium, address, id, ts) in removed {
                     if let Some(medium) = crate::types::Medium::parse(medium) {
                         changes.push(Change::Remove {
                             origin: origin.clone(),
                             medium,
                             address: address.clone(),
                             before_origin_id: *id,
+                            before_ts: *ts,
                         });
                     }
                 }
             }
             Applied::Unbound {
-                tombstone_id: Some(id),
+                tombstone: Some((id, ts)),
                 threepid,
             } => {
                 newest_local = newest_local.max(Some(*id));
@@ -573,6 +579,7 @@ fn finish_batch(
                     medium: threepid.medium,
                     address: threepid.address.clone(),
                     before_origin_id: *id,
+                    before_ts: *ts,
                 });
             }
             _ => {}
@@ -591,7 +598,7 @@ fn finish_batch(
             let _ = onbind.send(delivery);
         }
     }
-    // One change per row written (a binding inserted, or an origin's rows for a 3PID removed).
+    // One change per row written (a binding inserted, or a tombstone applied to a 3PID).
     written.fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     index.apply(changes);
     // Wake the replication pushers: the rows are committed, so they can read them.
@@ -620,7 +627,7 @@ fn finish_batch(
                     matches!(
                         a,
                         Applied::Unbound {
-                            tombstone_id: Some(_),
+                            tombstone: Some(_),
                             ..
                         }
                     )
@@ -959,14 +966,22 @@ fn apply_replicated(
                 inserted.push(row);
             }
             None => {
-                queries::delete_global_from_origin(
+                queries::delete_global_before_tombstone(
                     conn,
-                    &batch.origin,
-                    &item.medium,
-                    &item.address,
-                    item.origin_id,
+                    &Tombstone {
+                        origin: &batch.origin,
+                        medium: &item.medium,
+                        address: &item.address,
+                        origin_id: item.origin_id,
+                        ts: item.ts,
+                    },
                 )?;
-                removed.push((item.medium.clone(), item.address.clone(), item.origin_id));
+                removed.push((
+                    item.medium.clone(),
+                    item.address.clone(),
+                    item.origin_id,
+                    item.ts,
+                ));
             }
         }
     }
@@ -1034,28 +1049,59 @@ fn apply_unbind(
     now: i64,
 ) -> Result<Applied, StoreError> {
     let Threepid { medium, address } = &unbind.threepid;
-    let current = queries::local_for(conn, medium.as_str(), address)?;
-    if current.and_then(|row| row.mxid).as_deref() != Some(unbind.mxid.as_str()) {
+    let rows = queries::global_for(conn, medium.as_str(), address)?;
+    let newest_ts = rows.iter().map(|row| row.ts).max();
+    if current_mxid(ctx, rows, &unbind.threepid, now).as_deref() != Some(unbind.mxid.as_str()) {
         return Ok(Applied::Unbound {
-            tombstone_id: None,
+            tombstone: None,
             threepid: unbind.threepid.clone(),
         });
     }
+    // Newer than every binding of the 3PID known here, whoever made it, so that it removes
+    // them on every node (a peer's clock may be ahead of ours).
+    let ts = newest_ts.map_or(now, |newest| now.max(newest.saturating_add(1)));
     let id = queries::replace_local(
         conn,
         &NewLocalRow {
             medium: medium.as_str(),
             address,
             mxid: None,
-            ts: now,
+            ts,
             not_before: None,
             not_after: None,
             lookup_hash: None,
         },
     )?;
-    queries::delete_global_from_origin(conn, &ctx.server_name, medium.as_str(), address, id)?;
+    queries::delete_global_before_tombstone(
+        conn,
+        &Tombstone {
+            origin: &ctx.server_name,
+            medium: medium.as_str(),
+            address,
+            origin_id: id,
+            ts,
+        },
+    )?;
     Ok(Applied::Unbound {
-        tombstone_id: Some(id),
+        tombstone: Some((id, ts)),
         threepid: unbind.threepid.clone(),
     })
+}
+
+/// The Matrix ID a lookup on this node answers for `threepid` at `now`, among its global
+/// `rows`: chosen by the lookup index itself, so that an unbind removes exactly what lookups
+/// show.
+fn current_mxid(
+    ctx: &StoreContext,
+    rows: Vec<GlobalRow>,
+    threepid: &Threepid,
+    now: i64,
+) -> Option<String> {
+    let mut index = LookupIndex::new(&ctx.server_name, &ctx.pepper, rows.len());
+    for row in rows {
+        index.insert(row, Signatures::FromRow);
+    }
+    index
+        .get(threepid.medium, &threepid.address, now)
+        .map(|found| found.mxid().to_string())
 }

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
+use diesel::sqlite::Sqlite;
 
 use super::schema::{
     global_threepid_associations as global, local_threepid_associations as local,
@@ -105,21 +106,7 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for ReplaceLoc
 
 impl RunQueryDsl<SqliteConnection> for ReplaceLocal<'_> {}
 
-/// The local binding of a 3PID, if any (tombstones included).
-pub fn local_for(
-    conn: &mut SqliteConnection,
-    medium: &str,
-    address: &str,
-) -> QueryResult<Option<LocalRow>> {
-    local::table
-        .filter(local::medium.eq(medium).and(local::address.eq(address)))
-        .select(LocalRow::as_select())
-        .load_iter(conn)?
-        .next()
-        .transpose()
-}
-
-/// Every origin's rows for one 3PID (lookups while the index warms up).
+/// Every origin's rows for one 3PID (lookups while the index warms up, unbinds).
 pub fn global_for(
     conn: &mut SqliteConnection,
     medium: &str,
@@ -302,8 +289,8 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertGlob
 
 impl RunQueryDsl<SqliteConnection> for InsertGlobal<'_> {}
 
-/// Removes `origin`'s rows for a 3PID that are older than `before_origin_id` (its tombstone or
-/// rebind). Returns how many were removed.
+/// Removes `origin`'s rows for a 3PID that are older than `before_origin_id` (its rebind; a
+/// tombstone goes through [`delete_global_before_tombstone`]). Returns how many were removed.
 pub fn delete_global_from_origin(
     conn: &mut SqliteConnection,
     origin: &str,
@@ -318,6 +305,49 @@ pub fn delete_global_from_origin(
         before_origin_id,
     }
     .execute(conn)
+}
+
+/// Applies a tombstone to the global table: removes its origin's rows for the 3PID older than
+/// it (by id), and every other origin's row for the 3PID with an older `ts` (the last write
+/// wins, whoever made the binding). Returns how many were removed. (Sydent removes every
+/// origin's rows whatever their `ts`.)
+pub fn delete_global_before_tombstone(
+    conn: &mut SqliteConnection,
+    tombstone: &Tombstone<'_>,
+) -> QueryResult<usize> {
+    diesel::delete(global::table.filter(tombstone.superseded())).execute(conn)
+}
+
+/// A tombstone as the global table sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tombstone<'a> {
+    pub origin: &'a str,
+    pub medium: &'a str,
+    pub address: &'a str,
+    /// The origin's local id for it.
+    pub origin_id: i64,
+    pub ts: i64,
+}
+
+type GlobalPredicate<'a> =
+    Box<dyn BoxableExpression<global::table, Sqlite, SqlType = diesel::sql_types::Bool> + 'a>;
+
+impl<'a> Tombstone<'a> {
+    /// The rows it removes.
+    fn superseded(&self) -> GlobalPredicate<'a> {
+        let of_origin = global::origin_server
+            .eq(self.origin)
+            .and(global::origin_id.lt(self.origin_id));
+        let older_elsewhere = global::origin_server
+            .ne(self.origin)
+            .and(global::ts.lt(self.ts));
+        Box::new(
+            global::medium
+                .eq(self.medium)
+                .and(global::address.eq(self.address))
+                .and(of_origin.or(older_elsewhere)),
+        )
+    }
 }
 
 /// Hands every global row to `f`, one at a time (the index is built without holding the
@@ -455,12 +485,7 @@ mod tests {
             .bind::<diesel::sql_types::BigInt, _>(5)
             .load(&mut conn)
             .unwrap();
-        let plan: Vec<String> = plan.into_iter().map(|p| p.detail).collect();
-        assert!(
-            plan.iter()
-                .any(|d| d.contains("INDEX global_threepid_medium_address ")),
-            "{sql}: {plan:?}"
-        );
+        assert_uses_threepid_index(plan, sql);
         // And that text is what runs.
         let run = super::OlderFromOrigin {
             medium: "email",
@@ -472,6 +497,101 @@ mod tests {
         assert!(
             rendered.starts_with(&format!("{sql} -- binds: ")),
             "{rendered}"
+        );
+    }
+
+    /// A tombstone runs rarely, but its query must still find the 3PID's rows through the
+    /// 3PID index, not walk the table.
+    #[test]
+    fn a_tombstone_finds_its_rows_through_the_threepid_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = crate::db::open(dir.path().join("a.db").to_str().unwrap()).unwrap();
+        let tombstone = super::Tombstone {
+            origin: "a.example",
+            medium: "email",
+            address: "x@example.org",
+            origin_id: 5,
+            ts: 9,
+        };
+        let query = diesel::debug_query::<diesel::sqlite::Sqlite, _>(&diesel::delete(
+            super::global::table.filter(tombstone.superseded()),
+        ))
+        .to_string();
+        // Its parameters as literals: only the plan matters.
+        let sql = query
+            .split(" -- binds:")
+            .next()
+            .unwrap()
+            .replace('?', "'x'");
+        let plan: Vec<Plan> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+            .load(&mut conn)
+            .unwrap();
+        assert_uses_threepid_index(plan, &sql);
+    }
+
+    /// `plan`, the query plan of `sql`, finds rows through the (medium, address) index.
+    fn assert_uses_threepid_index(plan: Vec<Plan>, sql: &str) {
+        let plan: Vec<String> = plan.into_iter().map(|p| p.detail).collect();
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("INDEX global_threepid_medium_address ")),
+            "{sql}: {plan:?}"
+        );
+    }
+
+    fn global_row(origin: &str, origin_id: i64, mxid: &str, ts: i64) -> super::GlobalRow {
+        super::GlobalRow {
+            medium: "email".into(),
+            address: "x@example.org".into(),
+            mxid: mxid.into(),
+            ts,
+            not_before: ts,
+            not_after: ts + 1_000_000,
+            origin_server: origin.into(),
+            origin_id,
+            sg_assoc: "{}".into(),
+            lookup_hash: None,
+        }
+    }
+
+    /// Last writer wins: a tombstone of origin X removes X's older rows and other origins'
+    /// rows older than it, but not another origin's newer binding, nor other 3PIDs.
+    #[test]
+    fn a_tombstone_removes_older_rows_of_every_origin_and_keeps_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = crate::db::open(dir.path().join("a.db").to_str().unwrap()).unwrap();
+        for row in [
+            global_row("x.example", 3, "@a:x.example", 100),
+            global_row("y.example", 7, "@b:y.example", 150),
+            global_row("z.example", 2, "@c:z.example", 250),
+            super::GlobalRow {
+                address: "other@example.org".into(),
+                ..global_row("y.example", 8, "@d:y.example", 50)
+            },
+        ] {
+            super::supersede_global(&mut conn, &row).unwrap();
+        }
+        // X's tombstone (its id 4) at ts 200.
+        let tombstone = super::Tombstone {
+            origin: "x.example",
+            medium: "email",
+            address: "x@example.org",
+            origin_id: 4,
+            ts: 200,
+        };
+        let removed = super::delete_global_before_tombstone(&mut conn, &tombstone).unwrap();
+        assert_eq!(removed, 2);
+        let left: Vec<(String, String)> = super::global::table
+            .select((super::global::address, super::global::mxid))
+            .order(super::global::mxid)
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(
+            left,
+            [
+                ("x@example.org".to_string(), "@c:z.example".to_string()),
+                ("other@example.org".to_string(), "@d:y.example".to_string()),
+            ]
         );
     }
 

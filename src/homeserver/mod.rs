@@ -1,9 +1,9 @@
-//! The client this node uses to reach homeservers (OpenID userinfo at registration; later
-//! onbind callbacks and key fetches): Matrix server-name resolution as the server-server spec
-//! says, TLS verified *including the host name* (Sydent skips the name check), a connect and a
-//! total timeout and a size cap on every answer, and an IP filter applied after DNS resolution
-//! (and to IP literals and redirects), so a homeserver name resolving to a private address
-//! cannot make the node call into its own network.
+//! The client this node uses to reach homeservers (OpenID userinfo at registration, their
+//! signing keys in `keys.rs`; later onbind callbacks): Matrix server-name resolution as the
+//! server-server spec says, TLS verified *including the host name* (Sydent skips the name
+//! check), a connect and a total timeout and a size cap on every answer, and an IP filter
+//! applied after DNS resolution (and to IP literals and redirects), so a homeserver name
+//! resolving to a private address cannot make the node call into its own network.
 //!
 //! Resolution (spec: "Resolving server names"): an IP literal is used as it is (port given or
 //! 8448); a name with an explicit port is used as it is; otherwise
@@ -15,6 +15,7 @@
 //! when an SRV record sends the connection to another host.
 
 mod ip_filter;
+pub mod keys;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,6 +30,7 @@ use rustls::pki_types::{CertificateDer, ServerName as TlsName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 pub use ip_filter::IpFilter;
+pub use keys::ServerKeys;
 
 use crate::config::Config;
 use crate::mesh::tls::{describe_error, provider};

@@ -55,6 +55,10 @@ pub enum ApiError {
     /// 401 `M_UNAUTHORIZED`: no access token (v2).
     #[error("Unauthorized")]
     NoToken,
+    /// 401 `M_FORBIDDEN`: a homeserver-signed request whose `X-Matrix` authorization is
+    /// missing, malformed, for another identity server, or does not verify.
+    #[error("{0}")]
+    NotAuthenticated(String),
     /// 401 `M_UNKNOWN_TOKEN`: an access token this node does not know (or one the homeserver
     /// did not accept, at registration).
     #[error("{0}")]
@@ -152,7 +156,7 @@ impl ApiError {
             Self::EmailSend(_) => "M_EMAIL_SEND_ERROR",
             Self::SmsSend(_) => "M_SEND_ERROR",
             Self::LimitExceeded { .. } => "M_LIMIT_EXCEEDED",
-            Self::Refused(_) => "M_FORBIDDEN",
+            Self::Refused(_) | Self::NotAuthenticated(_) => "M_FORBIDDEN",
         }
     }
 }
@@ -188,7 +192,9 @@ impl ResponseError for ApiError {
             Self::UnknownPeer(_) | Self::TermsNotSigned | Self::Forbidden(_) => {
                 StatusCode::FORBIDDEN
             }
-            Self::NoToken | Self::UnknownToken(_) => StatusCode::UNAUTHORIZED,
+            Self::NoToken | Self::UnknownToken(_) | Self::NotAuthenticated(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Internal(_) | Self::Homeserver(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -237,6 +243,27 @@ impl From<StoreError> for ApiError {
             StoreError::OriginIdsRestarted { .. } => Self::OriginIdsRestarted(e.to_string()),
             StoreError::Db(_) | StoreError::Sign(_) | StoreError::Stopped => {
                 Self::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<super::x_matrix::XMatrixError> for ApiError {
+    fn from(e: super::x_matrix::XMatrixError) -> Self {
+        use super::x_matrix::XMatrixError;
+        use crate::homeserver::keys::ServerKeyError;
+        match e {
+            XMatrixError::InvalidOrigin(_) => Self::InvalidParam(e.to_string()),
+            XMatrixError::Key(ServerKeyError::Fetch(cause)) => Self::Homeserver(format!(
+                "Unable to contact the Matrix homeserver to authenticate request ({cause})"
+            )),
+            XMatrixError::Missing
+            | XMatrixError::Malformed(_)
+            | XMatrixError::WrongDestination { .. }
+            | XMatrixError::BadSignature { .. }
+            | XMatrixError::Key(ServerKeyError::UnknownKey { .. })
+            | XMatrixError::Key(ServerKeyError::Expired { .. }) => {
+                Self::NotAuthenticated(e.to_string())
             }
         }
     }

@@ -7,7 +7,8 @@
 //! - `status.rs`: `/versions` and the API roots; `pubkey.rs`: our keys;
 //!   `lookup.rs`: v1 `lookup` and `bulk_lookup`; `internal.rs`: internal bind and unbind.
 //! - `validate.rs`: email and phone validation (requestToken, submitToken);
-//!   `threepid.rs`: getValidated3pid, bind and unbind with a session.
+//!   `threepid.rs`: getValidated3pid, bind, and unbind with a session or signed by the
+//!   homeserver (`x_matrix.rs`: the `X-Matrix` authorization).
 
 mod account;
 pub mod error;
@@ -21,6 +22,7 @@ mod status;
 mod terms;
 mod threepid;
 pub mod validate;
+mod x_matrix;
 
 use std::sync::Arc;
 
@@ -61,10 +63,12 @@ pub struct AppState {
     pub terms: crate::terms::SharedTerms,
     /// v2 accounts and their tokens, in memory.
     pub accounts: crate::accounts::Accounts,
-    /// The client for homeservers (OpenID userinfo, later onbind and key fetches).
+    /// The client for homeservers (OpenID userinfo, onbind deliveries, key fetches).
     pub homeserver: Arc<crate::homeserver::HomeserverClient>,
     /// The onbind delivery queue (its status on the internal API).
     pub onbind: Addr<crate::actors::onbind::OnbindQueue>,
+    /// Homeservers' signing keys (homeserver-signed unbinds), fetched through `homeserver`.
+    pub server_keys: Arc<crate::homeserver::ServerKeys>,
     /// The validation sessions' owner.
     pub sessions: Addr<crate::actors::sessions::ValidationSessions>,
     /// Email and page templates, per brand.

@@ -1,8 +1,9 @@
 //! What a validated session is for: `3pid/getValidated3pid`, `3pid/bind` (the association
 //! store binds it and signs the association, which replication then carries like any other)
-//! and `3pid/unbind` with the session's `sid` and `client_secret`. On v1 and v2; v2 needs an
-//! account (and the terms) and binds only the account's own Matrix ID; v1 bind is served
-//! while `enable_v1_associations` is on.
+//! and `3pid/unbind` with the session's `sid` and `client_secret`, or signed by the Matrix
+//! ID's homeserver instead (what Synapse sends when a user removes a 3PID or deactivates). On
+//! v1 and v2; v2 needs an account (and the terms) for getValidated3pid and bind, and binds
+//! only the account's own Matrix ID; v1 bind is served while `enable_v1_associations` is on.
 
 use actix_web::http::header::ContentType;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -11,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{parse_body, Args, RawBody};
 use super::validate::{ask, caller, client_secret, sid, Version};
-use super::{resource, AppState};
+use super::{resource, x_matrix, AppState};
 use crate::actors::sessions::{GetValidated, Validated};
 use crate::actors::store::{Bind, Unbind};
 use crate::types::{Mxid, Threepid};
@@ -109,10 +110,15 @@ struct ThreepidField {
 }
 
 /// POST /_matrix/identity/v2/3pid/unbind (and v1)
-/// `{mxid, threepid: {medium, address}, sid, client_secret}` → `{}`, also when the 3PID was
-/// not bound to that Matrix ID here (unbind is idempotent). The session must have validated
-/// that same 3PID. (The homeserver-signed form, without a session, comes with invites.)
-async fn unbind(state: web::Data<AppState>, body: RawBody) -> Result<HttpResponse, ApiError> {
+/// `{mxid, threepid: {medium, address}}` with either the `sid` and `client_secret` of a
+/// session that validated that 3PID, or, without both, the homeserver's signature
+/// (`Authorization: X-Matrix`, see `x_matrix.rs`) by the homeserver of `mxid` → `{}`, also
+/// when the 3PID was not bound to that Matrix ID (unbind is idempotent).
+async fn unbind(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: RawBody,
+) -> Result<HttpResponse, ApiError> {
     let request: UnbindRequest = parse_body(&body.0)?;
     let threepid = request.threepid.as_ref();
     let mut missing = Vec::new();
@@ -127,13 +133,19 @@ async fn unbind(state: web::Data<AppState>, body: RawBody) -> Result<HttpRespons
             "threepid.address",
             threepid.is_some_and(|t| t.address.is_none()),
         ),
+        // One of the two: a session was meant, the other is missing.
+        (
+            "sid",
+            request.sid.is_none() && request.client_secret.is_some(),
+        ),
+        (
+            "client_secret",
+            request.client_secret.is_none() && request.sid.is_some(),
+        ),
     ] {
         if absent {
             missing.push(name.to_string());
         }
-    }
-    if request.sid.is_none() || request.client_secret.is_none() {
-        missing.extend(["sid".to_string(), "client_secret".to_string()]);
     }
     let (
         Some(mxid),
@@ -141,29 +153,40 @@ async fn unbind(state: web::Data<AppState>, body: RawBody) -> Result<HttpRespons
             medium: Some(medium),
             address: Some(address),
         }),
-        Some(sid),
-        Some(secret),
-    ) = (
-        request.mxid,
-        request.threepid,
-        request.sid,
-        request.client_secret,
-    )
+    ) = (request.mxid, request.threepid)
     else {
         return Err(ApiError::MissingParams(missing));
     };
-    let mut args = Args::default();
-    args.0.insert("sid".into(), sid);
-    args.0.insert("client_secret".into(), Value::String(secret));
-    let secret = client_secret(&args)?;
-    let sid = super::validate::sid(&args)?;
+    if !missing.is_empty() {
+        return Err(ApiError::MissingParams(missing));
+    }
     let mxid = Mxid::parse(&mxid)?;
     let threepid = Threepid::parse(&medium, &address)?;
-    let session = validated(&state, sid, secret).await?;
-    if Threepid::parse(session.medium.as_str(), &session.address)? != threepid {
-        return Err(ApiError::Refused(
-            "The session does not match the 3PID to unbind".into(),
-        ));
+    match (request.sid, request.client_secret) {
+        (Some(sid), Some(secret)) => {
+            let mut args = Args::default();
+            args.0.insert("sid".into(), sid);
+            args.0.insert("client_secret".into(), Value::String(secret));
+            let secret = client_secret(&args)?;
+            let sid = super::validate::sid(&args)?;
+            let session = validated(&state, sid, secret).await?;
+            if Threepid::parse(session.medium.as_str(), &session.address)? != threepid {
+                return Err(ApiError::Refused(
+                    "The session does not match the 3PID to unbind".into(),
+                ));
+            }
+        }
+        // Neither (one alone was refused above): the homeserver must have signed it.
+        _ => {
+            let content: Value = serde_json::from_slice(&body.0)
+                .map_err(|_| ApiError::BadJson("Malformed JSON".into()))?;
+            let origin = x_matrix::authenticate(&req, &state, &content).await?;
+            if mxid.server_name() != origin.as_str() {
+                return Err(ApiError::Refused(
+                    "Origin server name does not match mxid".into(),
+                ));
+            }
+        }
     }
     state.store.send(Unbind { threepid, mxid }).await??;
     Ok(HttpResponse::Ok().json(json!({})))

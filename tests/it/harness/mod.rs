@@ -3,7 +3,11 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+pub mod matrix_hs;
 pub mod sms_gateway;
+mod test_ca;
+
+pub use test_ca::TestCa;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -64,10 +68,22 @@ pub struct TestNode {
 impl TestNode {
     /// Starts the binary with `--config <config_path>` and waits until it serves.
     pub fn start(dir: &Path, config_path: &Path) -> Result<TestNode, String> {
+        Self::start_with_env(dir, config_path, &[])
+    }
+
+    /// [`Self::start`] with these environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<TestNode, String> {
         Self::start_cmd(
             dir,
             config_path,
-            Command::new(BINARY).arg("--config").arg(config_path),
+            Command::new(BINARY)
+                .arg("--config")
+                .arg(config_path)
+                .envs(env.iter().copied()),
         )
     }
 

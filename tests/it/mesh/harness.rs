@@ -1,5 +1,5 @@
-//! A mesh of real nodes on loopback: a test CA made here with rcgen, one certificate per node
-//! (CN and DNS SAN = its server name, plus `localhost` so peers can reach it at
+//! A mesh of real nodes on loopback: a test CA ([`TestCa`]), one certificate per node (CN and
+//! DNS SAN = its server name, plus `localhost` so peers can reach it at
 //! `https://localhost:<port>`), one shared peers.d written with the real `peer-file` command.
 
 use std::path::{Path, PathBuf};
@@ -7,67 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use serde_json::Value;
 
+pub use crate::harness::TestCa;
 use crate::harness::{base_config, get_json, run_to_exit, signal, TestNode};
-
-pub struct TestCa {
-    pub cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub fn new(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A node certificate usable as server and client: (certificate PEM, key PEM).
-    pub fn node_cert(&self, name: &str) -> (String, String) {
-        self.cert_for(name, &[name, "localhost"])
-    }
-
-    /// A server and client certificate with CN `name` and these DNS names.
-    pub fn cert_for(&self, name: &str, dns_names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(dns_names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// Writes `<dir>/ca.pem` and `<dir>/<name>.pem` (key + certificate, Sydent's combined
-    /// form). Returns (certfile, cacert).
-    pub fn write_node_files(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.node_cert(name);
-        let certfile = dir.join(format!("{name}.pem"));
-        std::fs::write(&certfile, format!("{key}{cert}")).unwrap();
-        let cacert = dir.join("ca.pem");
-        std::fs::write(&cacert, &self.cert_pem).unwrap();
-        (certfile, cacert)
-    }
-}
 
 /// A node's config with replication on: its certificate, the mesh CA and the shared peers.d.
 pub fn mesh_config(
@@ -121,13 +64,30 @@ pub struct Mesh {
     pub ca: TestCa,
     pub peers_dir: PathBuf,
     pub nodes: Vec<MeshNode>,
+    /// The environment every node starts with.
+    env: Vec<(String, String)>,
 }
 
 impl Mesh {
     /// Starts `names.len()` nodes, then introduces them to each other through peers.d.
     pub async fn start(names: &[&str]) -> Self {
+        Self::start_with(names, TestCa::new("sydent-rs test mesh CA"), "", &[]).await
+    }
+
+    /// [`Self::start`] with the mesh's CA `ca`, more `[general]` lines and environment
+    /// variables for every node (e.g. to reach a homeserver stand-in with a certificate from
+    /// `ca`: `ip.whitelist` and `SSL_CERT_FILE`).
+    pub async fn start_with(
+        names: &[&str],
+        ca: TestCa,
+        more_general: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let root = tempfile::tempdir().unwrap();
-        let ca = TestCa::new("sydent-rs test mesh CA");
         let peers_dir = root.path().join("peers.d");
         std::fs::create_dir(&peers_dir).unwrap();
         let mut nodes = Vec::new();
@@ -135,13 +95,13 @@ impl Mesh {
             let dir = root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             let (certfile, cacert) = ca.write_node_files(&dir, name);
-            std::fs::write(
-                dir.join("sydent.conf"),
-                mesh_config(&dir, name, &peers_dir, &certfile, &cacert),
-            )
-            .unwrap();
-            let node = TestNode::start(&dir, &dir.join("sydent.conf"))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let config = mesh_config(&dir, name, &peers_dir, &certfile, &cacert).replacen(
+                "[general]\n",
+                &format!("[general]\n{more_general}"),
+                1,
+            );
+            std::fs::write(dir.join("sydent.conf"), config).unwrap();
+            let node = start_node(&dir, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
             nodes.push(MeshNode {
                 name: name.to_string(),
                 dir,
@@ -153,6 +113,7 @@ impl Mesh {
             ca,
             peers_dir,
             nodes,
+            env,
         };
         for i in 0..mesh.nodes.len() {
             mesh.write_peer_file(i);
@@ -230,8 +191,7 @@ impl Mesh {
     /// rewritten and the others are told).
     pub fn restart(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        let node =
-            TestNode::start(&n.dir, &n.config_path()).unwrap_or_else(|e| panic!("restart: {e}"));
+        let node = start_node(&n.dir, &self.env).unwrap_or_else(|e| panic!("restart: {e}"));
         n.node = Some(node);
         self.write_peer_file(i);
         self.hup_all();
@@ -250,8 +210,7 @@ impl Mesh {
             ),
         )
         .unwrap();
-        let node =
-            TestNode::start(&n.dir, &n.config_path()).unwrap_or_else(|e| panic!("restart: {e}"));
+        let node = start_node(&n.dir, &self.env).unwrap_or_else(|e| panic!("restart: {e}"));
         n.node = Some(node);
     }
 
@@ -293,6 +252,12 @@ impl Mesh {
             }
         }
     }
+}
+
+/// Starts the node of `dir` on its `sydent.conf`, with environment `env`.
+fn start_node(dir: &Path, env: &[(String, String)]) -> Result<TestNode, String> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestNode::start_with_env(dir, &dir.join("sydent.conf"), &env)
 }
 
 /// Keeps a stopped node's port from other tests' nodes until it restarts there: a listener that
