@@ -74,15 +74,10 @@ impl Mesh {
         Self::start_with(names, TestCa::new("sydent-rs test mesh CA"), "", &[]).await
     }
 
-    /// [`Self::start`] with the mesh's CA `ca`, more `[general]` lines and environment
-    /// variables for every node (e.g. to reach a homeserver stand-in with a certificate from
-    /// `ca`: `ip.whitelist` and `SSL_CERT_FILE`).
-    pub async fn start_with(
-        names: &[&str],
-        ca: TestCa,
-        more_general: &str,
-        env: &[(&str, &str)],
-    ) -> Self {
+    /// [`Self::start`] with the mesh's CA `ca`, more config for every node (`more`: lines for
+    /// `[general]`, then any sections of its own) and environment variables (e.g. to reach a
+    /// homeserver stand-in with a certificate from `ca`: `ip.whitelist` and `SSL_CERT_FILE`).
+    pub async fn start_with(names: &[&str], ca: TestCa, more: &str, env: &[(&str, &str)]) -> Self {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -95,11 +90,17 @@ impl Mesh {
             let dir = root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             let (certfile, cacert) = ca.write_node_files(&dir, name);
+            // Lines before the first section header of `more` go into [general]; its sections
+            // are added at the end.
+            let (general, sections) = match more.find("\n[") {
+                Some(at) => more.split_at(at + 1),
+                None => (more, ""),
+            };
             let config = mesh_config(&dir, name, &peers_dir, &certfile, &cacert).replacen(
                 "[general]\n",
-                &format!("[general]\n{more_general}"),
+                &format!("[general]\n{general}"),
                 1,
-            );
+            ) + sections;
             std::fs::write(dir.join("sydent.conf"), config).unwrap();
             let node = start_node(&dir, &env).unwrap_or_else(|e| panic!("{name}: {e}"));
             nodes.push(MeshNode {
