@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sydent_rs::crypto::NodeSigningKey;
 
+use crate::harness::matrix_hs::MatrixHomeserver;
+use crate::harness::smtp::Sink;
 use crate::harness::{client, set_up, signal, wait_with_deadline, TestNode};
 use crate::mesh::harness::{mesh_config, port_of, TestCa};
+use crate::onbind::check_onbind;
+use sydent_rs::crypto::VerifyKey;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -49,11 +53,11 @@ impl SydentNode {
     fn start(
         python: &Path,
         dir: &Path,
-        certfile: &Path,
-        cacert: &Path,
+        (certfile, cacert): (&Path, &Path),
         key: &NodeSigningKey,
         replication_port: u16,
         peer: &str,
+        settings: &[String],
     ) -> Result<Self, PortTaken> {
         // The launcher's own errors (a port in use among them) go to stderr, Sydent's to its log.
         let stderr_path = dir.join("launcher.err");
@@ -75,6 +79,7 @@ impl SydentNode {
                 cacert.to_str().unwrap(),
             ])
             .args(["--signing-key", &key.to_sydent_string(), "--peer", peer])
+            .args(settings.iter().flat_map(|kv| ["--set", kv.as_str()]))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -180,6 +185,17 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let python = sydent_python();
     let root = tempfile::tempdir().unwrap();
     let ca = TestCa::new("interop CA");
+    // A homeserver for invites (trusted by sydent-rs through SSL_CERT_FILE) and a mail sink
+    // for both implementations' invite mails.
+    let hs = MatrixHomeserver::start(&ca);
+    let sink = Sink::start(root.path(), "plain", None);
+    let hs_ca = root.path().join("homeserver-ca.pem");
+    std::fs::write(&hs_ca, &ca.cert_pem).unwrap();
+    let trust_hs = [("SSL_CERT_FILE", hs_ca.to_str().unwrap())];
+    let mail_config = format!(
+        "[email]\nemail.smtphost = 127.0.0.1\nemail.smtpport = {}\n",
+        sink.port
+    );
     let peers_dir = root.path().join("peers.d");
     std::fs::create_dir(&peers_dir).unwrap();
 
@@ -187,7 +203,11 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let rust_dir = root.path().join("rust");
     std::fs::create_dir(&rust_dir).unwrap();
     let (certfile, cacert) = ca.write_node_files(&rust_dir, "rust.test");
-    let rust_config = mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert);
+    let rust_config = mesh_config(&rust_dir, "rust.test", &peers_dir, &certfile, &cacert).replacen(
+        "[general]\n",
+        "[general]\nip.whitelist = 127.0.0.0/8, ::1/128\n",
+        1,
+    ) + &mail_config;
     let mut first = TestNode::start_with_config(&rust_dir, &rust_config);
     assert!(first.stop().success());
     let (code, rust_peer_file, err) = crate::harness::run_to_exit(
@@ -244,16 +264,23 @@ async fn replicates_both_ways_with_a_real_sydent() {
             ),
         )
         .unwrap();
-        let rust = TestNode::start(&rust_dir, &config_path).unwrap();
+        let rust = TestNode::start_with_env(&rust_dir, &config_path, &trust_hs).unwrap();
         let rust_port = port_of(rust.replication_addr.as_deref().unwrap());
         match SydentNode::start(
             &python,
             &sydent_dir,
-            &sydent_cert,
-            &sydent_ca,
+            (&sydent_cert, &sydent_ca),
             &sydent_key,
             sydent_port,
             &format!("rust.test=https://localhost:{rust_port}={rust_key}"),
+            &[
+                format!(
+                    "general:templates.path={}",
+                    crate::templates::sydent_res().display()
+                ),
+                "email:email.smtphost=127.0.0.1".into(),
+                format!("email:email.smtpport={}", sink.port),
+            ],
         ) {
             Ok(sydent) => break (rust, sydent),
             Err(PortTaken) if attempts < 5 => {
@@ -360,6 +387,29 @@ async fn replicates_both_ways_with_a_real_sydent() {
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // An invite stored on sydent-rs, its invitee bound on Sydent: the binding Sydent pushes
+    // makes sydent-rs deliver its invite (no identity server does this in Sydent's protocol).
+    let (status, stored) = rust
+        .post(
+            "/_matrix/identity/api/v1/store-invite",
+            &json!({"medium": "email", "address": "invitee@example.com", "room_id": "!r:other.hs", "sender": "@dan:other.hs"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{stored}");
+    let invitee = hs.mxid("invitee");
+    sydent
+        .internal("bind", "invitee@example.com", &invitee)
+        .await;
+    let rust_verify = VerifyKey::from_base64(&rust_key).unwrap();
+    let delivered = invites_onbind(&hs, &logs).await;
+    check_onbind(
+        &delivered,
+        "rust.test",
+        &rust_verify,
+        &invitee,
+        &[stored["token"].as_str().unwrap()],
+    );
+
     // One more from sydent-rs, for Sydent to hold when it is replaced below.
     rust.internal_3pid("bind", "fromrust@example.com", "@fr:localhost:1")
         .await;
@@ -378,19 +428,36 @@ async fn replicates_both_ways_with_a_real_sydent() {
     let kept = sydent
         .internal("bind", "stays@example.com", "@stays:localhost:1")
         .await;
+    // An invite Sydent stores (its tables, its token): delivered by sydent-rs after the switch.
+    let response = client()
+        .post(format!("{}/_matrix/identity/api/v1/store-invite", sydent.client))
+        .json(&json!({"medium": "email", "address": "Legacy@Example.com", "room_id": "!old:other.hs", "sender": "@dan:other.hs"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sydent_invite: Value = response.json().await.unwrap();
     let sydent_db = sydent.dir.join("sydent.db");
     drop(sydent);
     let switch_dir = root.path().join("switch");
     std::fs::create_dir(&switch_dir).unwrap();
     let config = format!(
         "{}[crypto]\ned25519.signingkey = {}\n",
-        crate::harness::base_config(&switch_dir, "sydent.test").replace(
-            &format!("db.file = {}/sydent.db", switch_dir.display()),
-            &format!("db.file = {}", sydent_db.display())
-        ),
+        crate::harness::base_config(&switch_dir, "sydent.test")
+            .replace(
+                &format!("db.file = {}/sydent.db", switch_dir.display()),
+                &format!("db.file = {}", sydent_db.display())
+            )
+            .replacen(
+                "[general]\n",
+                "[general]\nip.whitelist = 127.0.0.0/8, ::1/128\n",
+                1
+            ),
         sydent_key.to_sydent_string()
     );
-    let switched = TestNode::start_with_config(&switch_dir, &config);
+    let switch_config = switch_dir.join("sydent.conf");
+    std::fs::write(&switch_config, &config).unwrap();
+    let switched = TestNode::start_with_env(&switch_dir, &switch_config, &trust_hs).unwrap();
     let (_, served) = switched
         .get("/_matrix/identity/api/v1/lookup?medium=email&address=stays%40example.com")
         .await;
@@ -408,4 +475,41 @@ async fn replicates_both_ways_with_a_real_sydent() {
                              ["email", "stays@example.com", "@stays:localhost:1"]]}),
         "unbound ones stay unbound"
     );
+
+    // The invite Sydent stored is delivered when its address is bound, signed with the key
+    // the node took over from Sydent.
+    let before = hs.onbinds().len();
+    let legacy = hs.mxid("legacy");
+    switched
+        .internal_3pid("bind", "legacy@example.com", &legacy)
+        .await;
+    let received = crate::onbind::onbinds(&hs, before + 1, &switched).await;
+    check_onbind(
+        &received[before],
+        "sydent.test",
+        &sydent_key.verify_key(),
+        &legacy,
+        &[sydent_invite["token"].as_str().unwrap()],
+    );
+}
+
+/// The first onbind `hs` received that carries invites (Sydent's own callbacks carry none, and
+/// its IP blocklist keeps them from loopback anyway).
+async fn invites_onbind(hs: &MatrixHomeserver, logs: &impl Fn() -> String) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = hs
+            .onbinds()
+            .into_iter()
+            .find(|b| b["invites"].as_array().is_some_and(|i| !i.is_empty()));
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no invite delivered; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
