@@ -84,6 +84,8 @@ pub struct OnbindQueue {
     given_up: u64,
     /// Given up on before this start (from the table).
     given_up_before: i64,
+    /// [`GIVE_UP_AFTER_MS`], but in tests (`SYDENT_RS_TEST_ONBIND_GIVE_UP_MS`).
+    give_up_after_ms: i64,
     now_ms: fn() -> i64,
 }
 
@@ -106,6 +108,10 @@ impl OnbindQueue {
             delivered: 0,
             given_up: 0,
             given_up_before,
+            give_up_after_ms: std::env::var("SYDENT_RS_TEST_ONBIND_GIVE_UP_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(GIVE_UP_AFTER_MS),
             now_ms: crate::now_ms,
         }
     }
@@ -134,10 +140,10 @@ impl OnbindQueue {
             let Some(delivery) = dest.queue.pop_front() else {
                 break;
             };
-            if now_ms - delivery.created_ts > GIVE_UP_AFTER_MS {
+            if now_ms - delivery.created_ts > self.give_up_after_ms {
                 let why = format!(
-                    "still undelivered after {} days; last error: {}",
-                    GIVE_UP_AFTER_MS / 86_400_000,
+                    "still undelivered after {} s; last error: {}",
+                    self.give_up_after_ms / 1000,
                     dest.last_error.as_deref().unwrap_or("none")
                 );
                 expired.push((delivery, why));

@@ -24,12 +24,16 @@ pub struct OnbindRig {
 
 impl OnbindRig {
     pub fn new() -> Self {
+        Self::with_env(&[])
+    }
+
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sink = Sink::start(dir.path(), "plain", None);
         let ca = TestCa::new("homeserver CA");
         let hs = MatrixHomeserver::start(&ca);
         let config = validation_config(dir.path(), sink.port, &[]);
-        let node = start(dir.path(), &config, &ca);
+        let node = crate::account::start_trusting(dir.path(), &config, &ca, env);
         Self {
             dir,
             sink,
@@ -318,4 +322,69 @@ async fn mesh_an_invite_stored_on_one_node_reaches_the_invitee_bound_on_another(
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(hs.onbinds().len(), 1, "{:?}", hs.onbinds());
+}
+
+/// A delivery that keeps failing is given up (here after 1 s instead of 7 days): reported on the
+/// status page and in the table with its reason, its invites released, so that the next bind
+/// of the address delivers them once the homeserver answers.
+#[tokio::test]
+async fn a_delivery_given_up_is_reported_and_its_invites_wait_for_the_next_bind() {
+    let _ = client();
+    let rig = OnbindRig::with_env(&[("SYDENT_RS_TEST_ONBIND_GIVE_UP_MS", "1000")]);
+    rig.hs.set_down(true);
+    let token = invite(
+        &rig.node,
+        "heidi@example.org",
+        "!a:other.hs",
+        "@dan:other.hs",
+    )
+    .await;
+    let heidi = rig.hs.mxid("heidi");
+    rig.node
+        .internal_3pid("bind", "heidi@example.org", &heidi)
+        .await;
+    let mut db = rig.db();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(
+        &mut db,
+        "SELECT COUNT(*) AS n FROM onbind_deliveries WHERE gave_up_ts IS NOT NULL \
+         AND last_error LIKE '%503%'",
+    ) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never given up: {}",
+            rig.node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = get_json(&format!(
+        "{}/_matrix/identity/internal/onbind",
+        rig.node.internal()
+    ))
+    .await;
+    assert_eq!(status["given_up"], 1, "{status}");
+    assert_eq!(status["queued"], 0, "{status}");
+    assert!(rig.node.log_text().contains("gave up delivering invites"));
+    assert_eq!(
+        count(
+            &mut db,
+            "SELECT COUNT(*) AS n FROM invite_tokens WHERE sent_ts IS NULL"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&mut db, "SELECT COUNT(*) AS n FROM onbind_delivery_invites"),
+        0
+    );
+
+    // The homeserver is back; Heidi binds again: the invite goes out with this binding.
+    rig.hs.set_down(false);
+    let before = rig.hs.onbinds().len();
+    rig.node
+        .internal_3pid("bind", "heidi@example.org", &heidi)
+        .await;
+    let received = onbinds(&rig.hs, before + 1, &rig.node).await;
+    let key = node_key(&rig.node).await;
+    check_onbind(&received[before], "id.test", &key, &heidi, &[&token]);
 }
