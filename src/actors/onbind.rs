@@ -7,7 +7,10 @@
 //! The actor keeps one queue per homeserver: while the homeserver answers, up to
 //! [`MAX_IN_FLIGHT`] deliveries are on their way at once; when it fails (no answer, or any
 //! status but 200), the queue waits with exponential backoff capped at [`MAX_BACKOFF`] and then
-//! sends one delivery as a probe before sending the rest again. Only after a 200 are the
+//! sends one delivery as a probe before sending the rest again. A delivery the homeserver
+//! refuses (a 4xx other than 408 and 429: it is up, and does not want this one) waits on its
+//! own, with its own backoff up to [`MAX_REFUSED_BACKOFF`], and holds up nothing else. Only
+//! after a 200 are the
 //! invites marked delivered (`invite_tokens.sent_ts`, or deleted with `delete_tokens_on_bind`)
 //! and the row removed; a restart loads the rows still queued and sends them again. A delivery
 //! still failing [`GIVE_UP_AFTER_MS`] after it was queued, or addressed to something that is not
@@ -37,10 +40,14 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const GIVE_UP_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Answers read up to this size (Sydent reads them whole).
 const ANSWER_LIMIT: usize = 64 * 1024;
+/// The longest wait before a delivery the homeserver refused (a 4xx) is tried again.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(600);
 
 struct Destination {
     queue: VecDeque<QueuedDelivery>,
     in_flight: usize,
+    /// Refused deliveries waiting to be tried again.
+    refused: usize,
     /// Consecutive failures; 0 while the homeserver answers.
     failures: u32,
     /// While failing: no delivery before this.
@@ -55,6 +62,7 @@ impl Destination {
         Self {
             queue: VecDeque::new(),
             in_flight: 0,
+            refused: 0,
             failures: 0,
             retry_at: None,
             retry_at_ms: None,
@@ -86,6 +94,9 @@ pub struct OnbindQueue {
     given_up_before: i64,
     /// [`GIVE_UP_AFTER_MS`], but in tests (`SYDENT_RS_TEST_ONBIND_GIVE_UP_MS`).
     give_up_after_ms: i64,
+    /// Deliveries a homeserver refused (4xx), by id: how many times. Such a delivery waits
+    /// on its own, so it never holds up the homeserver's other deliveries.
+    refused: HashMap<i64, u32>,
     now_ms: fn() -> i64,
 }
 
@@ -112,6 +123,7 @@ impl OnbindQueue {
                 .ok()
                 .and_then(|ms| ms.parse().ok())
                 .unwrap_or(GIVE_UP_AFTER_MS),
+            refused: HashMap::new(),
             now_ms: crate::now_ms,
         }
     }
@@ -174,11 +186,9 @@ impl OnbindQueue {
         for (delivery, why) in expired {
             self.give_up(delivery, why);
         }
-        if self
-            .destinations
-            .get(name)
-            .is_some_and(|d| d.in_flight == 0 && d.queue.is_empty() && d.failures == 0)
-        {
+        if self.destinations.get(name).is_some_and(|d| {
+            d.in_flight == 0 && d.queue.is_empty() && d.failures == 0 && d.refused == 0
+        }) {
             self.destinations.remove(name);
         }
     }
@@ -194,18 +204,53 @@ impl OnbindQueue {
             return;
         };
         dest.in_flight -= 1;
-        let failure = match result {
-            Ok(answer) if answer.status == 200 => None,
-            Ok(answer) => Some(format!(
+        let described = |answer: &crate::homeserver::Answer| {
+            format!(
                 "{name} answered {}: {}",
                 answer.status,
                 String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)])
-            )),
+            )
+        };
+        let failure = match result {
+            Ok(answer) if answer.status == 200 => None,
+            // The homeserver is up and refuses this delivery: it waits on its own.
+            Ok(answer)
+                if (400..500).contains(&answer.status)
+                    && answer.status != 408
+                    && answer.status != 429 =>
+            {
+                let error = described(&answer);
+                dest.failures = 0;
+                dest.retry_at = None;
+                dest.retry_at_ms = None;
+                dest.last_error = Some(error.clone());
+                dest.refused += 1;
+                let times = self.refused.entry(delivery.id).or_default();
+                *times += 1;
+                let wait = FIRST_BACKOFF
+                    .saturating_mul(1 << (*times).min(16).saturating_sub(1))
+                    .min(MAX_REFUSED_BACKOFF);
+                log::warn!(
+                    "onbind: {error} (delivery {}, refused {times} times); trying it again in {} s",
+                    delivery.id,
+                    wait.as_secs()
+                );
+                ctx.run_later(wait, move |act, ctx| {
+                    if let Some(dest) = act.destinations.get_mut(&delivery.destination) {
+                        dest.refused -= 1;
+                    }
+                    act.enqueue(delivery, ctx);
+                });
+                self.pump(&name, ctx);
+                return;
+            }
+            Ok(answer) => Some(described(&answer)),
             Err(HomeserverError::InvalidServerName(server)) => {
                 self.give_up(
                     delivery,
                     format!("'{server}' (the Matrix ID's server) is not a server name"),
                 );
+                self.pump(&name, ctx);
                 return;
             }
             Err(e) => Some(e.to_string()),
@@ -221,6 +266,7 @@ impl OnbindQueue {
                     log::info!("onbind: {name} is reachable again");
                 }
                 self.delivered += 1;
+                self.refused.remove(&delivery.id);
                 let write = InviteWrite::Delivered {
                     delivery_id: delivery.id,
                     delete_tokens: self.delete_tokens_on_bind,
@@ -264,6 +310,7 @@ impl OnbindQueue {
             delivery.id
         );
         self.given_up += 1;
+        self.refused.remove(&delivery.id);
         let write = InviteWrite::GaveUp {
             delivery_id: delivery.id,
             reason,
@@ -326,6 +373,8 @@ pub struct OnbindStatus {
 pub struct DestinationStatus {
     pub queued: usize,
     pub in_flight: usize,
+    /// Deliveries it refused (4xx), each waiting to be tried again.
+    pub refused: usize,
     pub state: &'static str,
     pub last_error: Option<String>,
     pub next_attempt_ts: Option<i64>,
@@ -349,6 +398,7 @@ impl Handler<GetStatus> for OnbindQueue {
                     DestinationStatus {
                         queued: d.queue.len(),
                         in_flight: d.in_flight,
+                        refused: d.refused,
                         state: if d.failures > 0 {
                             "retrying"
                         } else if d.in_flight > 0 {

@@ -388,3 +388,89 @@ async fn a_delivery_given_up_is_reported_and_its_invites_wait_for_the_next_bind(
     let key = node_key(&rig.node).await;
     check_onbind(&received[before], "id.test", &key, &heidi, &[&token]);
 }
+
+/// A homeserver that refuses one delivery (a 4xx: it is up) does not hold up the others: the
+/// refused one waits on its own and is delivered once the homeserver takes it.
+#[tokio::test]
+async fn a_refused_delivery_holds_up_no_other() {
+    let _ = client();
+    let rig = OnbindRig::new();
+    let ivan = rig.hs.mxid("ivan");
+    let judy = rig.hs.mxid("judy");
+    rig.hs.refuse_onbinds_for(Some(&ivan));
+    let ivan_token = invite(
+        &rig.node,
+        "ivan@example.org",
+        "!a:other.hs",
+        "@dan:other.hs",
+    )
+    .await;
+    let judy_token = invite(
+        &rig.node,
+        "judy@example.org",
+        "!a:other.hs",
+        "@dan:other.hs",
+    )
+    .await;
+    rig.node
+        .internal_3pid("bind", "ivan@example.org", &ivan)
+        .await;
+    onbinds(&rig.hs, 1, &rig.node).await;
+    let started = Instant::now();
+    rig.node
+        .internal_3pid("bind", "judy@example.org", &judy)
+        .await;
+    let key = node_key(&rig.node).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let judys = loop {
+        let found = rig.hs.onbinds().into_iter().find(|b| b["mxid"] == judy);
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "{}", rig.node.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // At once, not after a backoff.
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    check_onbind(&judys, "id.test", &key, &judy, &[&judy_token]);
+    let status = get_json(&format!(
+        "{}/_matrix/identity/internal/onbind",
+        rig.node.internal()
+    ))
+    .await;
+    let destination = &status["destinations"][&rig.hs.server_name];
+    assert!(
+        destination["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("403")),
+        "{status}"
+    );
+    assert_eq!(destination["refused"], 1, "{status}");
+    assert_eq!(destination["state"], "idle", "{status}");
+    // Ivan's is tried again on its own and goes through once the homeserver takes it.
+    rig.hs.refuse_onbinds_for(None);
+    let mut db = rig.db();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&mut db, "SELECT COUNT(*) AS n FROM onbind_deliveries") > 0 {
+        assert!(Instant::now() < deadline, "{}", rig.node.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ivans: Vec<Value> = rig
+        .hs
+        .onbinds()
+        .into_iter()
+        .filter(|b| b["mxid"] == ivan)
+        .collect();
+    assert!(ivans.len() >= 2, "{ivans:?}");
+    check_onbind(
+        ivans.last().unwrap(),
+        "id.test",
+        &key,
+        &ivan,
+        &[&ivan_token],
+    );
+}

@@ -64,6 +64,9 @@ struct Shared {
     requests: Mutex<Vec<Received>>,
     down: AtomicBool,
     key_answer: Mutex<KeyAnswer>,
+    /// Onbinds for this Matrix ID are answered 403 (as Synapse refuses an invite it cannot
+    /// take).
+    refused_mxid: Mutex<Option<String>>,
 }
 
 pub struct MatrixHomeserver {
@@ -132,6 +135,7 @@ impl MatrixHomeserver {
                 valid_until_ts: Some(now_ms() + 3_600_000),
                 forged: false,
             }),
+            refused_mxid: Mutex::new(None),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         {
@@ -223,6 +227,11 @@ impl MatrixHomeserver {
         format!("@{localpart}:{}", self.server_name)
     }
 
+    /// Answers 403 to the onbinds for `mxid` (None: to none).
+    pub fn refuse_onbinds_for(&self, mxid: Option<&str>) {
+        *self.shared.refused_mxid.lock().expect("refused lock") = mxid.map(str::to_string);
+    }
+
     /// Answers 503 to everything while `down`.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
@@ -304,7 +313,18 @@ async fn handle(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -
                     .json(json!({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token"})),
             }
         }
-        ("POST", ONBIND_PATH) => HttpResponse::Ok().json(json!({})),
+        ("POST", ONBIND_PATH) => {
+            let refused = shared.refused_mxid.lock().expect("refused lock").clone();
+            let mxid = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b["mxid"].as_str().map(str::to_string));
+            if refused.is_some() && refused == mxid {
+                HttpResponse::Forbidden()
+                    .json(json!({"errcode": "M_FORBIDDEN", "error": "refused for the test"}))
+            } else {
+                HttpResponse::Ok().json(json!({}))
+            }
+        }
         _ => HttpResponse::NotFound()
             .json(json!({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})),
     }
