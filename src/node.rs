@@ -409,6 +409,13 @@ impl Node {
                 })?,
             );
         let sms = Arc::new(SmsSender::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
+        // The sections are read (and checked) already; what uses them lands next.
+        if config.ldap.is_some() || config.proxy.is_some() {
+            log::warn!(
+                "[ldap] and [proxy] are read and checked, but not used yet by this version: \
+                 lookups answer from this node's bindings only"
+            );
+        }
         if config.http.client_http_base.trim().is_empty() {
             log::warn!(
                 "[http] client_http_base is not set: the links in validation emails will be relative, and will not work"

@@ -87,6 +87,18 @@ pub const SECTIONS: &[(&str, &str)] = &[
          smsrule.<country code> = allow | reject",
     ),
     (
+        "ldap",
+        "A directory (LDAP or Active Directory) as a source of bindings, the keys of the\n\
+         slipeer/sydent fork: its people are mirrored as this node's bindings (replicated to the\n\
+         mesh, found by v1 and v2 lookups). Off while uri is empty.",
+    ),
+    (
+        "proxy",
+        "An upstream identity server asked for what neither the directory nor this node's\n\
+         bindings answer (v1 lookups and v2 lookups with algorithm none). Off while identity is\n\
+         empty: addresses leave the node only when an operator sets it.",
+    ),
+    (
         "crypto",
         "The node's signing key. Generated on first start; keep it secret and backed up.",
     ),
@@ -346,6 +358,85 @@ pub const KEYS: &[KeyDef] = &[
     key("sms", "msisdn.ratelimit.rate_hz", "1/3600", "Then this many per second."),
     key("sms", "country.ratelimit.burst", "50", "SMS one country code may receive at once."),
     key("sms", "country.ratelimit.rate_hz", "1/60", "Then this many per second."),
+    // [ldap]
+    key(
+        "ldap",
+        "uri",
+        "",
+        "ldap://host:port or ldaps://host:port; empty: no directory.",
+    ),
+    key(
+        "ldap",
+        "startls",
+        "false",
+        "Upgrade an ldap:// connection with StartTLS before the bind (the certificate is verified).",
+    ),
+    key("ldap", "base", "", "Search base (searched as a subtree); needed with uri, as id_attr and email or msisdn."),
+    key(
+        "ldap",
+        "email",
+        "",
+        "Attribute(s) holding email addresses (e.g. mail), comma-separated; any of them matches.",
+    ),
+    key(
+        "ldap",
+        "msisdn",
+        "",
+        "Attribute(s) holding phone numbers (e.g. telephoneNumber, mobile), comma-separated.",
+    ),
+    key("ldap", "id_attr", "", "Attribute holding the user id (e.g. uid, sAMAccountName)."),
+    key(
+        "ldap",
+        "hs_name",
+        "",
+        "Matrix ID = @<id_attr value>:<hs_name>; empty: id_attr holds the whole Matrix ID.",
+    ),
+    key("ldap", "bind_dn", "", "Simple-bind DN; empty: anonymous."),
+    key("ldap", "bind_pw", "", "Simple-bind password."),
+    key(
+        "ldap",
+        "filter",
+        "",
+        "A complete parenthesised filter AND-ed into every search, e.g. (objectClass=person).",
+    ),
+    key(
+        "ldap",
+        "cacert",
+        "",
+        "CA certificate (PEM) for ldaps:// and StartTLS; empty: the system roots.",
+    ),
+    key("ldap", "timeout", "5", "Seconds an LDAP connection or search may take."),
+    key(
+        "ldap",
+        "sync_interval",
+        "300",
+        "Seconds between two full syncs of the mirror (one at start).",
+    ),
+    key(
+        "ldap",
+        "live_lookup",
+        "true",
+        "Ask the directory at once for v1 lookup addresses the mirror does not hold.",
+    ),
+    // [proxy]
+    key(
+        "proxy",
+        "identity",
+        "",
+        "Base URL of the upstream identity server, e.g. https://vector.im; empty: none.",
+    ),
+    key(
+        "proxy",
+        "access_token",
+        "",
+        "A v2 account token at the upstream: then addresses are sent to it only hashed (v2 lookup).",
+    ),
+    key(
+        "proxy",
+        "precedence",
+        "upstream_first",
+        "upstream_first (the fork's: directory, upstream, this node's bindings) or local_first.",
+    ),
     // [crypto]
     key(
         "crypto",

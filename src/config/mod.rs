@@ -7,6 +7,7 @@
 //! without a key gets one written into it. Unknown keys are warnings; invalid values are a
 //! [`ConfigError`] naming `[section] key`.
 
+mod directory;
 mod keys;
 mod parse;
 mod sms_body;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::crypto::NodeSigningKey;
 use crate::types::ServerName;
 
+pub use directory::{LdapConfig, Precedence, ProxyConfig};
 pub use keys::KeyDef;
 use parse::{RawConfig, Reader};
 pub use sms_body::{BodyTemplate, TemplateError as BodyTemplateError};
@@ -56,6 +58,10 @@ pub struct Config {
     pub email: EmailConfig,
     pub sms: SmsConfig,
     pub crypto: CryptoConfig,
+    /// `[ldap]`, when its `uri` is set.
+    pub ldap: Option<LdapConfig>,
+    /// `[proxy]`, when its `identity` is set.
+    pub proxy: Option<ProxyConfig>,
     /// Sydent's `[peer.NAME] base_replication_url` sections.
     pub peers: Vec<PeerSection>,
 }
@@ -314,6 +320,8 @@ impl Config {
             email,
             sms,
             crypto: CryptoConfig { signing_key },
+            ldap: directory::ldap(r)?,
+            proxy: directory::proxy(r)?,
             peers,
         })
     }

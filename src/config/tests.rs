@@ -79,8 +79,8 @@ fn a_file_without_a_key_gets_one_and_keeps_its_comments() {
 #[test]
 fn default_section_interpolation_and_case() {
     let text = with_key(
-        "[DEFAULT]\nbase = /srv/id\nlog.level = debug\n\n[General]\nServer.Name = x.example\nlog.path = %(base)s/log.txt\n\
-         terms.path = %(base)s/100%%.yaml\n\n[db]\ndb.file = %(base)s/sydent.db\n\n[email]\n\
+        "[DEFAULT]\nroot = /srv/id\nlog.level = debug\n\n[General]\nServer.Name = x.example\nlog.path = %(root)s/log.txt\n\
+         terms.path = %(root)s/100%%.yaml\n\n[db]\ndb.file = %(root)s/sydent.db\n\n[email]\n\
          email.invite.subject = %(sender_display_name)s invited you\n",
     );
     let (loaded, _dir) = load_text(&text).unwrap();
@@ -99,7 +99,7 @@ fn default_section_interpolation_and_case() {
     );
     assert_eq!(
         loaded.warnings,
-        vec!["config: unknown key [default] base (ignored)".to_string()]
+        vec!["config: unknown key [default] root (ignored)".to_string()]
     );
 }
 
@@ -207,6 +207,27 @@ fn invalid_values_name_the_key() {
             "[http]\nclientapi.http.bind_address = localhost\n",
             "[http] clientapi.http.bind_address:",
         ),
+        ("[ldap]\nuri = http://dir.example\n", "[ldap] uri:"),
+        (
+            "[ldap]\nuri = ldaps://dir.example\nstartls = true\nbase = o=x\nid_attr = uid\nemail = mail\n",
+            "[ldap] startls:",
+        ),
+        ("[ldap]\nuri = ldap://dir.example\nid_attr = uid\nemail = mail\n", "[ldap] base:"),
+        ("[ldap]\nuri = ldap://dir.example\nbase = o=x\nemail = mail\n", "[ldap] id_attr:"),
+        ("[ldap]\nuri = ldap://dir.example\nbase = o=x\nid_attr = uid\n", "[ldap] email:"),
+        (
+            "[ldap]\nuri = ldap://dir.example\nbase = o=x\nid_attr = uid\nemail = mail\nfilter = objectClass=person\n",
+            "[ldap] filter:",
+        ),
+        (
+            "[ldap]\nuri = ldap://dir.example\nbase = o=x\nid_attr = uid\nemail = mail\ntimeout = 0\n",
+            "[ldap] timeout:",
+        ),
+        ("[proxy]\nidentity = vector.im\n", "[proxy] identity:"),
+        (
+            "[proxy]\nidentity = https://vector.im\nprecedence = random\n",
+            "[proxy] precedence:",
+        ),
     ];
     for (body, expected) in cases {
         let text = with_key(&format!("[general]\nserver.name = x.example\n{body}"));
@@ -283,4 +304,46 @@ fn the_example_file_is_current_and_loads_cleanly() {
             k.name
         );
     }
+}
+
+#[test]
+fn the_forks_ldap_section_and_a_proxy_load() {
+    // The slipeer/sydent fork's documented example, with our additions.
+    let text = with_key(
+        "[general]\nserver.name = x.example\n\
+         [ldap]\nuri = ldap://dc.example.com:389\nstartls = true\nbase = dc=example,dc=com\n\
+         email = mail, proxyAddresses\nmsisdn = telephoneNumber,mobile\nid_attr = sAMAccountName\n\
+         hs_name = example.com\nbind_dn = cn=sydent,dc=example,dc=com\nbind_pw = secret\n\
+         filter = (&(objectClass=user)(objectCategory=person))\ntimeout = 2.5\n\
+         [proxy]\nidentity = https://vector.im/\nprecedence = local_first\n",
+    );
+    let (loaded, _dir) = load_text(&text).unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let ldap = loaded.config.ldap.expect("[ldap] is on");
+    assert_eq!(ldap.uri, "ldap://dc.example.com:389");
+    assert!(ldap.startls);
+    assert_eq!(ldap.email_attrs, ["mail", "proxyAddresses"]);
+    assert_eq!(ldap.msisdn_attrs, ["telephoneNumber", "mobile"]);
+    assert_eq!(ldap.id_attr, "sAMAccountName");
+    assert_eq!(ldap.hs_name.as_deref(), Some("example.com"));
+    assert_eq!(ldap.bind_pw.as_deref(), Some("secret"));
+    assert_eq!(
+        ldap.filter.as_deref(),
+        Some("(&(objectClass=user)(objectCategory=person))")
+    );
+    assert_eq!(ldap.timeout, std::time::Duration::from_millis(2500));
+    assert_eq!(ldap.sync_interval, std::time::Duration::from_secs(300));
+    assert!(ldap.live_lookup);
+    let proxy = loaded.config.proxy.expect("[proxy] is on");
+    assert_eq!(proxy.identity.as_str(), "https://vector.im/");
+    assert_eq!(proxy.precedence, Precedence::LocalFirst);
+    assert_eq!(proxy.access_token, None);
+
+    // Without uri or identity both are off, whatever else the sections hold.
+    let (loaded, _dir) = load_text(&with_key(
+        "[ldap]\nbase = o=x\n[proxy]\nprecedence = local_first\n",
+    ))
+    .unwrap();
+    assert!(loaded.config.ldap.is_none());
+    assert!(loaded.config.proxy.is_none());
 }
