@@ -9,6 +9,7 @@
 //! - [`crypto`]: canonical JSON, the signing key, sign/verify, lookup hashes (pure).
 //! - [`association`]: the signed 3PID → Matrix ID association.
 //! - [`db`]: SQLite (Sydent's schema, migrations, adopting a Sydent database), the queries.
+//! - [`directory`]: the organisation's LDAP as a source of bindings: the client, the searches.
 //! - [`actors`]: the owners of mutable state: the association store (single writer, group
 //!   commit), the peer registry and one push queue per peer, the WAL checkpointer, the
 //!   validation sessions, the persistent onbind delivery queue.
@@ -29,6 +30,7 @@ pub mod association;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod directory;
 pub mod email;
 pub mod homeserver;
 pub mod http;

@@ -11,6 +11,7 @@ mod errors;
 pub mod homeserver;
 mod internal_bind;
 mod invites;
+mod ldap;
 mod lookup_v2;
 mod mesh;
 mod onbind;
