@@ -14,12 +14,14 @@ use actix_web::{web, App, HttpServer};
 
 use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
+use crate::actors::directory::DirectoryMirror;
 use crate::actors::onbind::{Deliver, OnbindQueue};
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::sessions::ValidationSessions;
 use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext};
 use crate::config::Config;
 use crate::db;
+use crate::directory::{LdapClient, LdapSettings};
 use crate::email::Mailer;
 use crate::homeserver::{HomeserverClient, ServerKeys};
 use crate::http::validate::ValidationLimits;
@@ -225,6 +227,7 @@ impl Node {
             account_rows,
             session_rows,
             invite_state,
+            mirror_rows,
         ) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
@@ -308,6 +311,12 @@ impl Node {
                         source,
                     }
                 })?;
+                let mirror_rows = db::directory::load(&mut conn).map_err(|source| {
+                    db::OpenError::Query {
+                        path: db_file.clone(),
+                        source,
+                    }
+                })?;
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
@@ -318,6 +327,7 @@ impl Node {
                     account_rows,
                     session_rows,
                     invite_state,
+                    mirror_rows,
                 ))
             })
             .await
@@ -409,13 +419,34 @@ impl Node {
                 })?,
             );
         let sms = Arc::new(SmsSender::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
-        // The sections are read (and checked) already; what uses them lands next.
-        if config.ldap.is_some() || config.proxy.is_some() {
+        // The section is read (and checked) already; what uses it lands next.
+        if config.proxy.is_some() {
             log::warn!(
-                "[ldap] and [proxy] are read and checked, but not used yet by this version: \
-                 lookups answer from this node's bindings only"
+                "[proxy] is read and checked, but not used yet by this version: lookups \
+                 answer from the directory and this node's bindings only"
             );
         }
+        let directory = match &config.ldap {
+            None => None,
+            Some(ldap) => {
+                let settings = LdapSettings::from(ldap);
+                // Checked once here: a setting the client cannot use stops the start.
+                LdapClient::new(settings.clone())
+                    .map_err(|e| StartError::Other(format!("[ldap] {e}")))?;
+                Some(
+                    DirectoryMirror::new(
+                        settings,
+                        ldap.sync_interval,
+                        store.clone(),
+                        store_queue.clone(),
+                        Arc::clone(&store_ctx),
+                        index.clone(),
+                        mirror_rows,
+                    )
+                    .start(),
+                )
+            }
+        };
         if config.http.client_http_base.trim().is_empty() {
             log::warn!(
                 "[http] client_http_base is not set: the links in validation emails will be relative, and will not work"
@@ -465,6 +496,7 @@ impl Node {
             server_keys: Arc::new(ServerKeys::new(Arc::clone(&homeserver))),
             homeserver,
             onbind,
+            directory,
             sessions,
             templates,
             mailer,

@@ -12,6 +12,7 @@
 //! - [`sessions::ValidationSessions`]: email and phone validation sessions.
 
 pub mod checkpoint;
+pub mod directory;
 pub mod onbind;
 pub mod outbox;
 pub mod peers;

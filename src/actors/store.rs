@@ -26,6 +26,7 @@ use super::checkpoint::Written;
 use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
+use crate::db::directory::MirrorWrite;
 use crate::db::invites::{self as invite_db, InviteWrite, NewDelivery};
 use crate::db::queries::{self, NewLocalRow, OriginMark, Tombstone};
 use crate::db::sessions::SessionWrite;
@@ -250,6 +251,7 @@ enum Write {
     Account(AccountWrite, oneshot::Sender<Result<bool, StoreError>>),
     Session(SessionWrite, oneshot::Sender<Result<(), StoreError>>),
     Invite(InviteWrite, oneshot::Sender<Result<(), StoreError>>),
+    Mirror(MirrorWrite, oneshot::Sender<Result<(), StoreError>>),
     /// Not a write: the sender of an invite token (`sign-ed25519`), read on the writer's
     /// connection so that it sees every committed invite (also of a `:memory:` database).
     InviteSender(String, oneshot::Sender<Result<Option<String>, StoreError>>),
@@ -361,6 +363,14 @@ impl StoreQueue {
         write: InviteWrite,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> {
         self.queue_now(|tx| Write::Invite(write, tx))
+    }
+
+    /// Queues a write to the directory mirror's table (as [`Self::write_session`]).
+    pub fn write_mirror(
+        &self,
+        write: MirrorWrite,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> {
+        self.queue_now(|tx| Write::Mirror(write, tx))
     }
 
     fn queue_now(
@@ -642,7 +652,7 @@ fn finish_batch(
             Write::Account(_, reply) => {
                 let _ = reply.send(result.map(|a| matches!(a, Applied::Account(true))));
             }
-            Write::Session(_, reply) | Write::Invite(_, reply) => {
+            Write::Session(_, reply) | Write::Invite(_, reply) | Write::Mirror(_, reply) => {
                 let _ = reply.send(result.map(|_| ()));
             }
             Write::InviteSender(_, reply) => {
@@ -833,6 +843,10 @@ fn apply(
         }
         Write::Invite(write, _) => {
             invite_db::apply(conn, write)?;
+            Ok(Applied::Nothing)
+        }
+        Write::Mirror(write, _) => {
+            crate::db::directory::apply(conn, write)?;
             Ok(Applied::Nothing)
         }
         Write::InviteSender(token, _) => {

@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod casefold;
+pub mod directory;
 pub mod invites;
 mod open;
 pub mod queries;

@@ -185,5 +185,15 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// sydent-rs: the 3PIDs this node bound from the directory (migrations/…_directory_mirror).
+    directory_mirror (medium, address) {
+        medium -> Text,
+        address -> Text,
+        mxid -> Text,
+        synced_ts -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(peers, peer_pubkeys);
 diesel::allow_tables_to_appear_in_same_query!(invite_tokens, onbind_delivery_invites);

@@ -79,6 +79,25 @@ pub struct LdapSettings {
     pub timeout: Duration,
 }
 
+impl From<&crate::config::LdapConfig> for LdapSettings {
+    fn from(c: &crate::config::LdapConfig) -> Self {
+        Self {
+            uri: c.uri.clone(),
+            starttls: c.startls,
+            base: c.base.clone(),
+            email_attrs: c.email_attrs.clone(),
+            msisdn_attrs: c.msisdn_attrs.clone(),
+            id_attr: c.id_attr.clone(),
+            hs_name: c.hs_name.clone(),
+            bind_dn: c.bind_dn.clone(),
+            bind_pw: c.bind_pw.clone(),
+            filter: c.filter.clone(),
+            cacert: c.cacert.clone(),
+            timeout: c.timeout,
+        }
+    }
+}
+
 impl std::fmt::Debug for LdapSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LdapSettings")

@@ -13,7 +13,38 @@ use crate::types::{Mxid, Threepid};
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/_matrix/identity/internal/bind").route(web::post().to(bind)))
         .service(resource("/_matrix/identity/internal/unbind").route(web::post().to(unbind)))
-        .service(resource("/_matrix/identity/internal/onbind").route(web::get().to(onbind)));
+        .service(resource("/_matrix/identity/internal/onbind").route(web::get().to(onbind)))
+        .service(resource("/_matrix/identity/internal/directory").route(web::get().to(directory)))
+        .service(
+            resource("/_matrix/identity/internal/directory/sync")
+                .route(web::post().to(directory_sync)),
+        );
+}
+
+/// GET /_matrix/identity/internal/directory: the directory mirror (`{"enabled": false}` without
+/// `[ldap]`): last sync, entries mirrored, what the last sync bound and unbound, ambiguous and
+/// skipped entries, last error, next sync.
+async fn directory(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let Some(directory) = &state.directory else {
+        return Ok(HttpResponse::Ok().json(json!({"enabled": false})));
+    };
+    let status = directory
+        .send(crate::actors::directory::GetStatus)
+        .await
+        .map_err(|e| ApiError::Internal(format!("directory unreachable: {e}")))?;
+    let mut body = serde_json::to_value(status).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["enabled"] = json!(true);
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// POST /_matrix/identity/internal/directory/sync: sync the mirror now (the answer comes at
+/// once; the status shows when it is done).
+async fn directory_sync(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let Some(directory) = &state.directory else {
+        return Err(ApiError::NotFound("[ldap] is not set".into()));
+    };
+    directory.do_send(crate::actors::directory::SyncNow);
+    Ok(HttpResponse::Ok().json(json!({})))
 }
 
 /// GET /_matrix/identity/internal/onbind: the onbind delivery queue (per homeserver: queued,

@@ -67,6 +67,8 @@ pub struct AppState {
     pub homeserver: Arc<crate::homeserver::HomeserverClient>,
     /// The onbind delivery queue (its status on the internal API).
     pub onbind: Addr<crate::actors::onbind::OnbindQueue>,
+    /// The directory mirror, when `[ldap]` is set.
+    pub directory: Option<Addr<crate::actors::directory::DirectoryMirror>>,
     /// Homeservers' signing keys (homeserver-signed unbinds), fetched through `homeserver`.
     pub server_keys: Arc<crate::homeserver::ServerKeys>,
     /// The validation sessions' owner.

@@ -6,6 +6,7 @@ mod harness;
 
 pub mod account;
 mod config_start;
+mod directory;
 mod email;
 mod errors;
 pub mod homeserver;

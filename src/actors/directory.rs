@@ -1,0 +1,392 @@
+//! The directory mirror: the people of `[ldap]` as this node's bindings, so v1 and v2 lookups
+//! find them (v2 by hash too, which the fork cannot do) and every replication peer receives
+//! them.
+//!
+//! A full search at start and every `sync_interval`, compared with what is bound now:
+//! - an address the directory gives a Matrix ID that is not what lookups answer on this node
+//!   (new, changed, or bound otherwise since) is bound to it, as any bind made here: newer
+//!   than every binding of the 3PID, so the directory wins whatever their ages;
+//! - an address this node bound from the directory (`directory_mirror`) that the directory no
+//!   longer holds is unbound (a tombstone, replicated), if it is still bound to that Matrix ID.
+//!
+//! A sync that fails (directory down, bad credentials) changes nothing, is reported (log,
+//! status) and retried with backoff; a directory that answers with no one at all while the
+//! mirror holds people is taken for a broken directory (a wrong base or filter) and changes
+//! nothing either, with a warning.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use super::store::{AssociationStore, Bind, StoreContext, StoreQueue, Unbind};
+use crate::db::directory::{MirrorRow, MirrorWrite};
+use crate::directory::{search_all, DirectorySnapshot, LdapSettings};
+use crate::lookup_index::SharedIndex;
+use crate::types::{Medium, Mxid, Threepid};
+
+/// Binds and unbinds of one sync in flight at once.
+const IN_FLIGHT: usize = 64;
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+
+/// What the internal status endpoint shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectoryStatus {
+    pub last_sync_ts: Option<i64>,
+    /// How long the last sync took, search included.
+    pub last_sync_ms: Option<u64>,
+    /// 3PIDs the mirror holds.
+    pub entries: usize,
+    pub last_bound: usize,
+    pub last_unbound: usize,
+    /// Addresses left out because entries with different Matrix IDs hold them.
+    pub ambiguous: usize,
+    /// Entries skipped (an id that makes no valid Matrix ID).
+    pub skipped: usize,
+    pub last_error: Option<String>,
+    pub last_error_ts: Option<i64>,
+    pub next_sync_ts: Option<i64>,
+}
+
+pub struct DirectoryMirror {
+    settings: Arc<LdapSettings>,
+    interval: Duration,
+    store: Addr<AssociationStore>,
+    queue: StoreQueue,
+    store_ctx: Arc<StoreContext>,
+    index: SharedIndex,
+    /// (medium, address) → the Matrix ID this node bound from the directory.
+    mirror: HashMap<(Medium, String), String>,
+    status: DirectoryStatus,
+    failures: u32,
+    syncing: bool,
+    /// The timer of the next sync.
+    next: Option<SpawnHandle>,
+    /// Ambiguous addresses already warned about (each once).
+    warned: HashSet<(Medium, String)>,
+}
+
+impl DirectoryMirror {
+    pub fn new(
+        settings: LdapSettings,
+        interval: Duration,
+        store: Addr<AssociationStore>,
+        queue: StoreQueue,
+        store_ctx: Arc<StoreContext>,
+        index: SharedIndex,
+        rows: Vec<MirrorRow>,
+    ) -> Self {
+        let mirror: HashMap<_, _> = rows
+            .into_iter()
+            .filter_map(|r| Some(((Medium::parse(&r.medium)?, r.address), r.mxid)))
+            .collect();
+        let status = DirectoryStatus {
+            entries: mirror.len(),
+            ..DirectoryStatus::default()
+        };
+        Self {
+            settings: Arc::new(settings),
+            interval,
+            store,
+            queue,
+            store_ctx,
+            index,
+            mirror,
+            status,
+            failures: 0,
+            syncing: false,
+            next: None,
+            warned: HashSet::new(),
+        }
+    }
+
+    fn sync(&mut self, ctx: &mut Context<Self>) {
+        if self.syncing {
+            return;
+        }
+        self.syncing = true;
+        let settings = Arc::clone(&self.settings);
+        let started = std::time::Instant::now();
+        let search = async move { search_all(&settings).await };
+        ctx.spawn(
+            search
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(snapshot) => {
+                        let plan = act.plan(snapshot);
+                        let apply = act.apply(plan);
+                        ctx.spawn(
+                            apply
+                                .into_actor(act)
+                                .map(move |applied, act, ctx| act.finish(applied, started, ctx)),
+                        );
+                    }
+                    Err(e) => act.finish(Err(e.to_string()), started, ctx),
+                }),
+        );
+    }
+
+    fn finish(
+        &mut self,
+        applied: Result<Applied, String>,
+        started: std::time::Instant,
+        ctx: &mut Context<Self>,
+    ) {
+        self.syncing = false;
+        match applied {
+            Ok(done) => self.synced(done, started),
+            Err(e) => self.failed(e),
+        }
+        self.schedule(ctx);
+    }
+
+    /// What a snapshot changes: the binds and unbinds to make.
+    fn plan(&mut self, snapshot: DirectorySnapshot) -> Plan {
+        self.status.ambiguous = snapshot.ambiguous.len();
+        self.status.skipped = snapshot.skipped;
+        for (medium, address, dns) in &snapshot.ambiguous {
+            if self.warned.insert((*medium, address.clone())) {
+                log::warn!(
+                    "directory: an address is held by {} entries with different Matrix IDs and is not answered from the directory: {}",
+                    dns.len(),
+                    dns.join("; ")
+                );
+            }
+        }
+        if snapshot.bindings.is_empty() && !self.mirror.is_empty() {
+            return Plan::Suspicious;
+        }
+        let now = crate::now_ms();
+        let wanted: HashMap<(Medium, String), String> = snapshot
+            .bindings
+            .into_iter()
+            .map(|b| ((b.medium, b.address), b.mxid))
+            .collect();
+        // What lookups answer now, for every 3PID the directory or the mirror names.
+        let keys: Vec<(Medium, String)> =
+            wanted.keys().chain(self.mirror.keys()).cloned().collect();
+        let current: HashMap<(Medium, String), String> = self
+            .index
+            .read(|index| {
+                keys.iter()
+                    .filter_map(|(medium, address)| {
+                        let found = index.get(*medium, address, now)?;
+                        Some(((*medium, address.clone()), found.mxid().to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let bind: Vec<(Medium, String, String)> = wanted
+            .iter()
+            .filter(|(key, mxid)| current.get(*key) != Some(*mxid))
+            .map(|((m, a), mxid)| (*m, a.clone(), mxid.clone()))
+            .collect();
+        let unbind: Vec<(Medium, String, String)> = self
+            .mirror
+            .iter()
+            .filter(|(key, _)| !wanted.contains_key(*key))
+            .filter(|(key, mxid)| current.get(*key) == Some(*mxid))
+            .map(|((m, a), mxid)| (*m, a.clone(), mxid.clone()))
+            .collect();
+        let left: Vec<(Medium, String)> = self
+            .mirror
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+            .cloned()
+            .collect();
+        Plan::Apply {
+            wanted,
+            bind,
+            unbind,
+            left,
+        }
+    }
+
+    /// Makes the binds and unbinds of `plan`, then records the mirror.
+    fn apply(
+        &mut self,
+        plan: Plan,
+    ) -> impl std::future::Future<Output = Result<Applied, String>> + 'static {
+        let queue = self.queue.clone();
+        let store = self.store.clone();
+        let ctx = Arc::clone(&self.store_ctx);
+        let index = self.index.clone();
+        async move {
+            let Plan::Apply {
+                wanted,
+                bind,
+                unbind,
+                left,
+            } = plan
+            else {
+                return Err(
+                    "the directory answered with no one while the mirror holds people: \
+                     nothing changed (check [ldap] base and filter)"
+                        .to_string(),
+                );
+            };
+            for chunk in bind.chunks(IN_FLIGHT) {
+                let results = join_all(chunk.iter().map(|(medium, address, mxid)| {
+                    let threepid = Threepid {
+                        medium: *medium,
+                        address: address.clone(),
+                    };
+                    let queue = queue.clone();
+                    let prepared = Mxid::parse(mxid)
+                        .map_err(|e| e.to_string())
+                        .and_then(|mxid| {
+                            Bind::new(&ctx, &index, threepid, mxid).map_err(|e| e.to_string())
+                        });
+                    async move { queue.bind(prepared?).await.map_err(|e| e.to_string()) }
+                }))
+                .await;
+                results.into_iter().collect::<Result<Vec<_>, _>>()?;
+            }
+            for chunk in unbind.chunks(IN_FLIGHT) {
+                let results = join_all(chunk.iter().map(|(medium, address, mxid)| {
+                    let store = store.clone();
+                    let message = Mxid::parse(mxid).map(|mxid| Unbind {
+                        threepid: Threepid {
+                            medium: *medium,
+                            address: address.clone(),
+                        },
+                        mxid,
+                    });
+                    async move {
+                        let message = message.map_err(|e| e.to_string())?;
+                        store
+                            .send(message)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())
+                    }
+                }))
+                .await;
+                results.into_iter().collect::<Result<Vec<_>, _>>()?;
+            }
+            let rows: Vec<MirrorRow> = wanted
+                .iter()
+                .map(|((medium, address), mxid)| MirrorRow {
+                    medium: medium.as_str().to_string(),
+                    address: address.clone(),
+                    mxid: mxid.clone(),
+                })
+                .collect();
+            queue
+                .write_mirror(MirrorWrite::Upsert {
+                    rows,
+                    now_ms: crate::now_ms(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if !left.is_empty() {
+                let gone = left
+                    .iter()
+                    .map(|(m, a)| (m.as_str().to_string(), a.clone()))
+                    .collect();
+                queue
+                    .write_mirror(MirrorWrite::Remove(gone))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(Applied {
+                mirror: wanted,
+                bound: bind.len(),
+                unbound: unbind.len(),
+            })
+        }
+    }
+
+    fn synced(&mut self, done: Applied, started: std::time::Instant) {
+        self.failures = 0;
+        self.mirror = done.mirror;
+        self.status.entries = self.mirror.len();
+        self.status.last_bound = done.bound;
+        self.status.last_unbound = done.unbound;
+        self.status.last_sync_ts = Some(crate::now_ms());
+        self.status.last_sync_ms = Some(started.elapsed().as_millis() as u64);
+        log::info!(
+            "directory: synced {} entries in {} ms ({} bound, {} unbound)",
+            self.mirror.len(),
+            started.elapsed().as_millis(),
+            done.bound,
+            done.unbound
+        );
+    }
+
+    fn failed(&mut self, error: String) {
+        self.failures += 1;
+        log::warn!("directory: sync failed, nothing changed: {error}");
+        self.status.last_error = Some(error);
+        self.status.last_error_ts = Some(crate::now_ms());
+    }
+
+    /// The next sync: after `sync_interval`, sooner after a failure (5 s, doubling).
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        let wait = if self.failures == 0 {
+            self.interval
+        } else {
+            FIRST_RETRY
+                .saturating_mul(1 << self.failures.min(10).saturating_sub(1))
+                .min(self.interval)
+        };
+        self.status.next_sync_ts = Some(crate::now_ms() + wait.as_millis() as i64);
+        if let Some(earlier) = self.next.take() {
+            ctx.cancel_future(earlier);
+        }
+        self.next = Some(ctx.run_later(wait, |act, ctx| act.sync(ctx)));
+    }
+}
+
+enum Plan {
+    Apply {
+        wanted: HashMap<(Medium, String), String>,
+        bind: Vec<(Medium, String, String)>,
+        unbind: Vec<(Medium, String, String)>,
+        left: Vec<(Medium, String)>,
+    },
+    /// Nobody in the directory while the mirror holds people.
+    Suspicious,
+}
+
+struct Applied {
+    mirror: HashMap<(Medium, String), String>,
+    bound: usize,
+    unbound: usize,
+}
+
+impl Actor for DirectoryMirror {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.sync(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "DirectoryStatus")]
+pub struct GetStatus;
+
+impl Handler<GetStatus> for DirectoryMirror {
+    type Result = MessageResult<GetStatus>;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.status.clone())
+    }
+}
+
+/// Sent by an admin tool or a test: sync now (ignored while one runs).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncNow;
+
+impl Handler<SyncNow> for DirectoryMirror {
+    type Result = ();
+
+    fn handle(&mut self, _: SyncNow, ctx: &mut Context<Self>) {
+        self.sync(ctx);
+    }
+}
