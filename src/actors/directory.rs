@@ -107,6 +107,12 @@ impl DirectoryMirror {
         if self.syncing {
             return;
         }
+        // The comparison needs the lookup index: while it loads after a start, wait, rather
+        // than bind every person again.
+        if !self.index.is_ready() {
+            ctx.run_later(Duration::from_millis(200), |act, ctx| act.sync(ctx));
+            return;
+        }
         self.syncing = true;
         let settings = Arc::clone(&self.settings);
         let started = std::time::Instant::now();

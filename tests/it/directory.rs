@@ -95,7 +95,7 @@ async fn the_directory_is_mirrored_as_this_nodes_bindings() {
         ),
         ldap_section(&slapd, ADMIN_PW, "3600")
     );
-    let node = crate::account::start_trusting(&node_dir, &config, &ca, &[]);
+    let mut node = crate::account::start_trusting(&node_dir, &config, &ca, &[]);
     let first = wait_status(&node, "first sync", |s| s["last_sync_ts"].is_i64()).await;
     assert_eq!(first["entries"], 3, "{first}");
     assert_eq!(first["last_bound"], 3, "{first}");
@@ -163,6 +163,22 @@ async fn the_directory_is_mirrored_as_this_nodes_bindings() {
         lookup(&node, "email", "alice@example.org").await["mxid"],
         "@alice:example.org"
     );
+
+    // A restart, its index loading slowly: the first sync waits for it and binds no one again.
+    assert!(node.stop().success());
+    let config = std::fs::read_to_string(node_dir.join("sydent.conf")).unwrap();
+    let node = crate::account::start_trusting(
+        &node_dir,
+        &config,
+        &ca,
+        &[("SYDENT_RS_TEST_WARM_UP_DELAY_MS", "1000")],
+    );
+    let restarted = wait_status(&node, "sync after the restart", |s| {
+        s["last_sync_ts"].is_i64()
+    })
+    .await;
+    assert_eq!(restarted["last_bound"], 0, "{restarted}");
+    assert_eq!(restarted["entries"], 3, "{restarted}");
 }
 
 #[tokio::test]
