@@ -14,7 +14,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
-use crate::actors::directory::DirectoryMirror;
+use crate::actors::directory::{DirectoryMirror, LiveLookup};
 use crate::actors::onbind::{Deliver, OnbindQueue};
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::sessions::ValidationSessions;
@@ -426,25 +426,34 @@ impl Node {
                  answer from the directory and this node's bindings only"
             );
         }
-        let directory = match &config.ldap {
-            None => None,
+        let (directory, live_lookup) = match &config.ldap {
+            None => (None, None),
             Some(ldap) => {
                 let settings = LdapSettings::from(ldap);
                 // Checked once here: a setting the client cannot use stops the start.
-                LdapClient::new(settings.clone())
+                let client = LdapClient::new(settings.clone())
                     .map_err(|e| StartError::Other(format!("[ldap] {e}")))?;
-                Some(
-                    DirectoryMirror::new(
-                        settings,
-                        ldap.sync_interval,
-                        store.clone(),
+                let mirror = DirectoryMirror::new(
+                    settings,
+                    ldap.sync_interval,
+                    store.clone(),
+                    store_queue.clone(),
+                    Arc::clone(&store_ctx),
+                    index.clone(),
+                    mirror_rows,
+                )
+                .start();
+                let live = ldap.live_lookup.then(|| {
+                    LiveLookup::new(
+                        client,
+                        ldap.timeout,
+                        mirror.clone(),
                         store_queue.clone(),
                         Arc::clone(&store_ctx),
                         index.clone(),
-                        mirror_rows,
                     )
-                    .start(),
-                )
+                });
+                (Some(mirror), live)
             }
         };
         if config.http.client_http_base.trim().is_empty() {
@@ -497,6 +506,7 @@ impl Node {
             homeserver,
             onbind,
             directory,
+            live_lookup,
             sessions,
             templates,
             mailer,

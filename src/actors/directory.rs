@@ -396,3 +396,146 @@ impl Handler<SyncNow> for DirectoryMirror {
         self.sync(ctx);
     }
 }
+
+/// Sent by a live look-through: the directory held these 3PIDs, now bound here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Mirrored(pub Vec<(Medium, String, String)>);
+
+impl Handler<Mirrored> for DirectoryMirror {
+    type Result = ();
+
+    fn handle(&mut self, msg: Mirrored, ctx: &mut Context<Self>) {
+        let rows: Vec<MirrorRow> = msg
+            .0
+            .iter()
+            .map(|(medium, address, mxid)| MirrorRow {
+                medium: medium.as_str().to_string(),
+                address: address.clone(),
+                mxid: mxid.clone(),
+            })
+            .collect();
+        for (medium, address, mxid) in msg.0 {
+            self.mirror.insert((medium, address), mxid);
+        }
+        self.status.entries = self.mirror.len();
+        let write = self.queue.write_mirror(MirrorWrite::Upsert {
+            rows,
+            now_ms: crate::now_ms(),
+        });
+        ctx.spawn(
+            async move {
+                if let Err(e) = write.await {
+                    log::warn!("directory: a live look-through could not be recorded: {e}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// Live look-through (`[ldap] live_lookup`): the v1 lookup and bulk_lookup addresses that no
+/// binding answers are asked of the directory at once, in one search per request; each hit is
+/// bound here (so the mirror holds it from then on, and the peers get it) and answered. The
+/// directory slow or down costs a lookup at most `timeout`, never an error.
+#[derive(Clone)]
+pub struct LiveLookup {
+    client: crate::directory::LdapClient,
+    timeout: Duration,
+    mirror: Addr<DirectoryMirror>,
+    queue: StoreQueue,
+    store_ctx: Arc<StoreContext>,
+    index: SharedIndex,
+    /// When a failure was last logged (ms): once a minute at most, not once per lookup.
+    last_warned_ms: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl LiveLookup {
+    pub fn new(
+        client: crate::directory::LdapClient,
+        timeout: Duration,
+        mirror: Addr<DirectoryMirror>,
+        queue: StoreQueue,
+        store_ctx: Arc<StoreContext>,
+        index: SharedIndex,
+    ) -> Self {
+        Self {
+            client,
+            timeout,
+            mirror,
+            queue,
+            store_ctx,
+            index,
+            last_warned_ms: Arc::default(),
+        }
+    }
+
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        use std::sync::atomic::Ordering;
+        let now = crate::now_ms();
+        let last = self.last_warned_ms.load(Ordering::Relaxed);
+        if now - last >= 60_000
+            && self
+                .last_warned_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!("directory: {what} (said once a minute at most)");
+        }
+    }
+
+    /// The directory's bindings of `misses` (normalised 3PIDs), each bound here first:
+    /// (medium, address, mxid, the signed association).
+    pub async fn find(
+        &self,
+        misses: &[(Medium, String)],
+    ) -> Vec<(Medium, String, String, Arc<str>)> {
+        if misses.is_empty() {
+            return Vec::new();
+        }
+        let found =
+            match tokio::time::timeout(self.timeout, self.client.search_addresses(misses)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => {
+                    self.warn(format_args!(
+                        "live look-through failed, lookups answered without it: {e}"
+                    ));
+                    return Vec::new();
+                }
+                Err(_) => {
+                    self.warn(format_args!(
+                        "live look-through took over {} ms, lookups answered without it",
+                        self.timeout.as_millis()
+                    ));
+                    return Vec::new();
+                }
+            };
+        let mut bound = Vec::new();
+        for hit in found {
+            let Ok(mxid) = Mxid::parse(&hit.mxid) else {
+                continue;
+            };
+            let threepid = Threepid {
+                medium: hit.medium,
+                address: hit.address.clone(),
+            };
+            let signed = match Bind::new(&self.store_ctx, &self.index, threepid, mxid) {
+                Ok(bind) => self.queue.bind(bind).await,
+                Err(e) => Err(e),
+            };
+            match signed {
+                Ok(signed) => bound.push((hit.medium, hit.address, hit.mxid, signed)),
+                Err(e) => log::warn!("directory: a live look-through hit could not be bound: {e}"),
+            }
+        }
+        if !bound.is_empty() {
+            self.mirror.do_send(Mirrored(
+                bound
+                    .iter()
+                    .map(|(m, a, x, _)| (*m, a.clone(), x.clone()))
+                    .collect(),
+            ));
+        }
+        bound
+    }
+}

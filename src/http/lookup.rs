@@ -192,7 +192,18 @@ async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, 
         })
         .await?;
     let body = match found {
-        None => "{}".to_owned(),
+        None => match &state.live_lookup {
+            // Not bound: the directory may know it (live look-through).
+            Some(live) => {
+                let key = crate::types::Threepid::lookup_key(medium, address).into_owned();
+                live.find(&[(medium, key)])
+                    .await
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| "{}".to_owned(), |(.., signed)| signed.to_string())
+            }
+            None => "{}".to_owned(),
+        },
         Some((false, signed)) => signed,
         Some((true, signed)) => countersign(&signed, &state)?,
     };
@@ -217,6 +228,9 @@ fn countersign(signed: &str, state: &AppState) -> Result<String, ApiError> {
     }
     Ok(Value::Object(object).to_string())
 }
+
+/// A bulk_lookup match: (medium, address as stored, mxid).
+type Found = (Medium, String, String);
 
 /// POST /_matrix/identity/api/v1/bulk_lookup `{"threepids": [[medium, address], ...]}`
 ///
@@ -247,19 +261,33 @@ async fn bulk_lookup(state: web::Data<AppState>, args: Args) -> Result<HttpRespo
         queries.push((parse_medium(medium)?, address.to_owned()));
     }
     let now = crate::now_ms();
-    let found: BTreeSet<(Medium, String, String)> = state
+    let live = state.live_lookup.is_some();
+    let (mut found, misses): (BTreeSet<Found>, Vec<(Medium, String)>) = state
         .index
         .lookup(queries, move |index, asked| {
-            asked
-                .iter()
-                .filter_map(|(medium, address)| {
-                    index
-                        .get(*medium, address, now)
-                        .map(|b| (*medium, b.address().to_owned(), b.mxid().to_owned()))
-                })
-                .collect()
+            let mut found = BTreeSet::new();
+            let mut misses = Vec::new();
+            for (medium, address) in asked {
+                match index.get(*medium, address, now) {
+                    Some(b) => {
+                        found.insert((*medium, b.address().to_owned(), b.mxid().to_owned()));
+                    }
+                    None if live => misses.push((
+                        *medium,
+                        crate::types::Threepid::lookup_key(*medium, address).into_owned(),
+                    )),
+                    None => {}
+                }
+            }
+            (found, misses)
         })
         .await?;
+    if let Some(live) = &state.live_lookup {
+        // One search for all the misses of the request.
+        for (medium, address, mxid, _) in live.find(&misses).await {
+            found.insert((medium, address, mxid));
+        }
+    }
     let threepids: Vec<Value> = found
         .into_iter()
         .map(|(medium, address, mxid)| json!([medium.as_str(), address, mxid]))

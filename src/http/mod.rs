@@ -69,6 +69,8 @@ pub struct AppState {
     pub onbind: Addr<crate::actors::onbind::OnbindQueue>,
     /// The directory mirror, when `[ldap]` is set.
     pub directory: Option<Addr<crate::actors::directory::DirectoryMirror>>,
+    /// Live look-through of lookup misses, when `[ldap] live_lookup` is on.
+    pub live_lookup: Option<crate::actors::directory::LiveLookup>,
     /// Homeservers' signing keys (homeserver-signed unbinds), fetched through `homeserver`.
     pub server_keys: Arc<crate::homeserver::ServerKeys>,
     /// The validation sessions' owner.

@@ -263,3 +263,83 @@ async fn mesh_the_directory_reaches_the_peers_and_so_do_its_removals() {
     mesh.wait_lookup(&[1], "alice@example.org", Some("@alice:example.org"))
         .await;
 }
+
+/// Live look-through: a person added to the directory a minute ago is found by the lookup
+/// itself (then by the mirror, with no search); a bulk lookup asks for all its misses in one
+/// search; the directory down costs a lookup at most the timeout, never an error.
+#[tokio::test]
+async fn live_look_through_finds_new_people_at_once() {
+    let _ = client();
+    let dir = tempfile::tempdir().unwrap();
+    let mut slapd = Slapd::start(dir.path());
+    slapd.add(&people());
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir(&node_dir).unwrap();
+    let config = format!(
+        "{}{}",
+        base_config(&node_dir, "id.test"),
+        ldap_section(&slapd, ADMIN_PW, "3600")
+    );
+    let node = TestNode::start_with_config(&node_dir, &config);
+    wait_status(&node, "first sync", |s| s["last_sync_ts"].is_i64()).await;
+
+    slapd.add(&person("Dan", &["uid: dan", "mail: Dan@Example.org"]));
+    let dan = lookup(&node, "email", "dan@example.org").await;
+    assert_eq!(dan["mxid"], "@dan:example.org", "{dan}");
+    assert!(dan["signatures"]["id.test"].is_object(), "{dan}");
+    wait_status(&node, "the hit mirrored", |s| s["entries"] == 4).await;
+    let searches = slapd.searches();
+    assert_eq!(
+        lookup(&node, "email", "DAN@example.org").await["mxid"],
+        "@dan:example.org"
+    );
+    assert_eq!(slapd.searches(), searches, "served from the mirror");
+
+    slapd.add(
+        &[
+            person("Eve", &["uid: eve", "mail: eve@example.org"]),
+            person("Frank", &["uid: frank", "telephoneNumber: +44 7700 900555"]),
+        ]
+        .concat(),
+    );
+    let searches = slapd.searches();
+    let (status, bulk) = node
+        .post(
+            "/_matrix/identity/api/v1/bulk_lookup",
+            &json!({"threepids": [["email", "eve@example.org"], ["msisdn", "447700900555"],
+                                  ["email", "nobody@example.org"], ["email", "alice@example.org"]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{bulk}");
+    assert_eq!(
+        bulk,
+        json!({"threepids": [["email", "alice@example.org", "@alice:example.org"],
+                             ["email", "eve@example.org", "@eve:example.org"],
+                             ["msisdn", "447700900555", "@frank:example.org"]]})
+    );
+    assert_eq!(slapd.searches(), searches + 1, "one search for the misses");
+
+    // The directory down: lookups answer what the node holds, within the timeout (2 s).
+    slapd.stop();
+    let started = Instant::now();
+    assert_eq!(
+        lookup(&node, "email", "nobody@example.org").await,
+        json!({})
+    );
+    let (status, bulk) = node
+        .post(
+            "/_matrix/identity/api/v1/bulk_lookup",
+            &json!({"threepids": [["email", "nobody@example.org"], ["email", "eve@example.org"]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{bulk}");
+    assert_eq!(
+        bulk,
+        json!({"threepids": [["email", "eve@example.org", "@eve:example.org"]]})
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
