@@ -203,11 +203,22 @@ impl DirectoryMirror {
             .filter(|key| !wanted.contains_key(*key))
             .cloned()
             .collect();
+        // Only what the table does not hold yet is written.
+        let new_rows: Vec<MirrorRow> = wanted
+            .iter()
+            .filter(|(key, mxid)| self.mirror.get(*key) != Some(*mxid))
+            .map(|((medium, address), mxid)| MirrorRow {
+                medium: medium.as_str().to_string(),
+                address: address.clone(),
+                mxid: mxid.clone(),
+            })
+            .collect();
         Plan::Apply {
             wanted,
             bind,
             unbind,
             left,
+            new_rows,
         }
     }
 
@@ -226,6 +237,7 @@ impl DirectoryMirror {
                 bind,
                 unbind,
                 left,
+                new_rows,
             } = plan
             else {
                 return Err(
@@ -273,21 +285,15 @@ impl DirectoryMirror {
                 .await;
                 results.into_iter().collect::<Result<Vec<_>, _>>()?;
             }
-            let rows: Vec<MirrorRow> = wanted
-                .iter()
-                .map(|((medium, address), mxid)| MirrorRow {
-                    medium: medium.as_str().to_string(),
-                    address: address.clone(),
-                    mxid: mxid.clone(),
-                })
-                .collect();
-            queue
-                .write_mirror(MirrorWrite::Upsert {
-                    rows,
-                    now_ms: crate::now_ms(),
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+            if !new_rows.is_empty() {
+                queue
+                    .write_mirror(MirrorWrite::Upsert {
+                        rows: new_rows,
+                        now_ms: crate::now_ms(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
             if !left.is_empty() {
                 let gone = left
                     .iter()
@@ -353,6 +359,8 @@ enum Plan {
         bind: Vec<(Medium, String, String)>,
         unbind: Vec<(Medium, String, String)>,
         left: Vec<(Medium, String)>,
+        /// Rows `directory_mirror` does not hold yet (new or changed).
+        new_rows: Vec<MirrorRow>,
     },
     /// Nobody in the directory while the mirror holds people.
     Suspicious,
