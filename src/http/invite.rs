@@ -111,6 +111,18 @@ async fn store_invite(
                     .map(|b| b.mxid().to_string())
             })
             .await?;
+        // Not bound: the directory may know the address (live look-through binds it).
+        let bound = match (bound, &state.live_lookup) {
+            (None, Some(live)) => {
+                let key = crate::types::Threepid::lookup_key(medium, address).into_owned();
+                live.find(&[(medium, key)])
+                    .await
+                    .into_iter()
+                    .next()
+                    .map(|(_, _, mxid, _)| mxid)
+            }
+            (bound, _) => bound,
+        };
         if let Some(mxid) = bound {
             return Err(ApiError::ThreepidInUse { mxid });
         }

@@ -319,6 +319,25 @@ async fn live_look_through_finds_new_people_at_once() {
     );
     assert_eq!(slapd.searches(), searches + 1, "one search for the misses");
 
+    // An invite of an address the directory knows (not mirrored yet) is refused as Sydent
+    // refuses an invite of a bound address.
+    slapd.add(&person("Grace", &["uid: grace", "mail: grace@example.org"]));
+    let (status, refused) = node
+        .post(
+            "/_matrix/identity/api/v1/store-invite",
+            &json!({"medium": "email", "address": "Grace@example.org", "room_id": "!r:hs", "sender": "@x:hs"}),
+        )
+        .await;
+    assert_eq!(
+        (
+            status,
+            refused["errcode"].as_str(),
+            refused["mxid"].as_str()
+        ),
+        (400, Some("M_THREEPID_IN_USE"), Some("@grace:example.org")),
+        "{refused}"
+    );
+
     // The directory down: lookups answer what the node holds, within the timeout (2 s).
     slapd.stop();
     let started = Instant::now();
