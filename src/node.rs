@@ -21,7 +21,7 @@ use crate::actors::sessions::ValidationSessions;
 use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext};
 use crate::config::Config;
 use crate::db;
-use crate::directory::{LdapClient, LdapSettings};
+use crate::directory::LdapClient;
 use crate::email::Mailer;
 use crate::homeserver::{HomeserverClient, ServerKeys};
 use crate::http::validate::ValidationLimits;
@@ -231,12 +231,13 @@ impl Node {
         ) =
             actix_web::rt::task::spawn_blocking(move || {
                 let (mut conn, pepper) = db::open(&db_file)?;
+                let query = |source| db::OpenError::Query {
+                    path: db_file.clone(),
+                    source,
+                };
                 let casefolded =
                     db::casefold::casefold_emails(&mut conn, &server_name, &signing_key, &pepper)
-                        .map_err(|source| db::OpenError::Query {
-                            path: db_file.clone(),
-                            source,
-                        })?;
+                        .map_err(query)?;
                 if let Some(c) = casefolded.filter(|c| *c != Default::default()) {
                     log::warn!(
                         "database {db_file}: casefolded email addresses stored before Sydent casefolded them: \
@@ -250,39 +251,21 @@ impl Node {
                     None
                 } else {
                     let other = db::connect(&db_file)?;
-                    db::defer_checkpoints(&mut conn).map_err(|source| db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    })?;
+                    db::defer_checkpoints(&mut conn).map_err(query)?;
                     Some(other)
                 };
                 // The index is loaded from a snapshot taken now, before the store's first
                 // write, on a thread of its own: the node serves meanwhile, and what the store
                 // commits is applied on top. `:memory:` cannot be shared: loaded here.
                 let index = if db_file == ":memory:" {
-                    let index = LookupIndex::load(&mut conn, &server_name, &pepper).map_err(|source| {
-                        db::OpenError::Query {
-                            path: db_file.clone(),
-                            source,
-                        }
-                    })?;
+                    let index = LookupIndex::load(&mut conn, &server_name, &pepper).map_err(query)?;
                     Warm::Loaded(index)
                 } else {
                     Warm::Snapshot(db::snapshot(&db_file)?)
                 };
                 let ephemeral =
-                    db::queries::ephemeral_public_keys(&mut conn).map_err(|source| {
-                        db::OpenError::Query {
-                            path: db_file.clone(),
-                            source,
-                        }
-                    })?;
-                let max_local = db::queries::max_local_id(&mut conn).map_err(|source| {
-                    db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    }
-                })?;
+                    db::queries::ephemeral_public_keys(&mut conn).map_err(query)?;
+                let max_local = db::queries::max_local_id(&mut conn).map_err(query)?;
                 let account_rows = db::accounts::hash_stored_tokens(&mut conn)
                     .and_then(|hashed| {
                         if hashed > 0 {
@@ -293,30 +276,14 @@ impl Node {
                         }
                         db::accounts::load_all(&mut conn)
                     })
-                    .map_err(|source| db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    })?;
+                    .map_err(query)?;
                 let session_rows = db::sessions::load_since(
                     &mut conn,
                     crate::now_ms() - crate::actors::sessions::SESSION_RETENTION_MS,
                 )
-                .map_err(|source| db::OpenError::Query {
-                    path: db_file.clone(),
-                    source,
-                })?;
-                let invite_state = db::invites::load_state(&mut conn).map_err(|source| {
-                    db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    }
-                })?;
-                let mirror_rows = db::directory::load(&mut conn).map_err(|source| {
-                    db::OpenError::Query {
-                        path: db_file.clone(),
-                        source,
-                    }
-                })?;
+                .map_err(query)?;
+                let invite_state = db::invites::load_state(&mut conn).map_err(query)?;
+                let mirror_rows = db::directory::load(&mut conn).map_err(query)?;
                 Ok::<_, db::OpenError>((
                     conn,
                     pepper,
@@ -429,7 +396,7 @@ impl Node {
         let (directory, live_lookup) = match &config.ldap {
             None => (None, None),
             Some(ldap) => {
-                let settings = LdapSettings::from(ldap);
+                let settings = ldap.settings.clone();
                 // Checked once here: a setting the client cannot use stops the start.
                 let client = LdapClient::new(settings.clone())
                     .map_err(|e| StartError::Other(format!("[ldap] {e}")))?;
@@ -446,7 +413,7 @@ impl Node {
                 let live = ldap.live_lookup.then(|| {
                     LiveLookup::new(
                         client,
-                        ldap.timeout,
+                        ldap.settings.timeout,
                         mirror.clone(),
                         store_queue.clone(),
                         Arc::clone(&store_ctx),

@@ -25,9 +25,8 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::store::{QueuedDelivery, StoreQueue};
-use crate::db::invites::InviteWrite;
 use crate::homeserver::{HomeserverClient, HomeserverError};
-use crate::invite::PendingInviteKeys;
+use crate::invite::{InviteWrite, PendingInviteKeys};
 
 pub const ONBIND_PATH: &str = "/_matrix/federation/v1/3pid/onbind";
 /// Deliveries on their way to one homeserver at once.

@@ -27,11 +27,11 @@ use crate::accounts::AccountWrite;
 use crate::association::ThreepidAssociation;
 use crate::crypto::{lookup_hash, NodeSigningKey};
 use crate::db::directory::MirrorWrite;
-use crate::db::invites::{self as invite_db, InviteWrite, NewDelivery};
+use crate::db::invites::{self as invite_db, NewDelivery};
 use crate::db::queries::{self, NewLocalRow, OriginMark, Tombstone};
 use crate::db::sessions::SessionWrite;
 use crate::db::{DbError, GlobalRow};
-use crate::invite::{onbind_body, PendingInviteKeys};
+use crate::invite::{onbind_body, InviteWrite, PendingInviteKeys};
 use crate::lookup_index::{Change, LookupIndex, SharedIndex, Signatures};
 use crate::types::{Mxid, ServerName, Threepid};
 

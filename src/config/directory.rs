@@ -7,26 +7,59 @@ use std::time::Duration;
 use super::parse::Reader;
 use super::{comma_list, non_empty, ConfigError};
 
-/// `[ldap]`, when `uri` is set.
+/// `[ldap]`, when `uri` is set: what the LDAP client needs, and how the mirror uses it.
 #[derive(Debug, Clone)]
 pub struct LdapConfig {
-    /// `ldap://host:port` or `ldaps://host:port`, as given.
-    pub uri: String,
-    pub startls: bool,
-    pub base: String,
-    pub email_attrs: Vec<String>,
-    pub msisdn_attrs: Vec<String>,
-    pub id_attr: String,
-    /// `None`: the id attribute holds the whole Matrix ID.
-    pub hs_name: Option<String>,
-    pub bind_dn: Option<String>,
-    pub bind_pw: Option<String>,
-    /// A complete parenthesised filter.
-    pub filter: Option<String>,
-    pub cacert: Option<PathBuf>,
-    pub timeout: Duration,
+    pub settings: LdapSettings,
     pub sync_interval: Duration,
     pub live_lookup: bool,
+}
+
+/// The `[ldap]` section as the client needs it (plain data, read from `sydent.conf`; `crate::directory::LdapClient` checks it again).
+#[derive(Clone, PartialEq, Eq)]
+pub struct LdapSettings {
+    /// `ldap://host[:port]` or `ldaps://host[:port]`.
+    pub uri: String,
+    /// StartTLS before the bind (for an `ldap://` URI; `ldaps://` is TLS from the start).
+    pub starttls: bool,
+    /// Searched as a subtree.
+    pub base: String,
+    /// The attributes holding email addresses (`email`), matched as an OR.
+    pub email_attrs: Vec<String>,
+    /// The attributes holding phone numbers (`msisdn`), matched as an OR.
+    pub msisdn_attrs: Vec<String>,
+    /// The attribute holding the user id (`uid`, `sAMAccountName`).
+    pub id_attr: String,
+    /// Set: the Matrix ID is `@<id>:<hs_name>`. Unset or empty: the id is the whole Matrix ID.
+    pub hs_name: Option<String>,
+    /// Unset: an anonymous bind.
+    pub bind_dn: Option<String>,
+    pub bind_pw: Option<String>,
+    /// A complete filter AND-ed into every search, e.g. `(objectClass=inetOrgPerson)`.
+    pub filter: Option<String>,
+    /// The CA file (PEM) that vouches for the server's certificate; unset: the system roots.
+    pub cacert: Option<PathBuf>,
+    /// For the connection (TCP, TLS, bind) and for each answer of a search.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for LdapSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapSettings")
+            .field("uri", &self.uri)
+            .field("starttls", &self.starttls)
+            .field("base", &self.base)
+            .field("email_attrs", &self.email_attrs)
+            .field("msisdn_attrs", &self.msisdn_attrs)
+            .field("id_attr", &self.id_attr)
+            .field("hs_name", &self.hs_name)
+            .field("bind_dn", &self.bind_dn)
+            .field("bind_pw", &self.bind_pw.as_ref().map(|_| "<hidden>"))
+            .field("filter", &self.filter)
+            .field("cacert", &self.cacert)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Where the node's own bindings stand against the upstream's answers.
@@ -111,18 +144,20 @@ pub(super) fn ldap(r: &Reader<'_>) -> Result<Option<LdapConfig>, ConfigError> {
         }
     };
     Ok(Some(LdapConfig {
-        uri,
-        startls,
-        base,
-        email_attrs,
-        msisdn_attrs,
-        id_attr,
-        hs_name: non_empty(r.string(S, "hs_name")?),
-        bind_dn: non_empty(r.string(S, "bind_dn")?),
-        bind_pw: non_empty(r.string(S, "bind_pw")?),
-        filter,
-        cacert: non_empty(r.string(S, "cacert")?).map(PathBuf::from),
-        timeout: seconds("timeout")?,
+        settings: LdapSettings {
+            uri,
+            starttls: startls,
+            base,
+            email_attrs,
+            msisdn_attrs,
+            id_attr,
+            hs_name: non_empty(r.string(S, "hs_name")?),
+            bind_dn: non_empty(r.string(S, "bind_dn")?),
+            bind_pw: non_empty(r.string(S, "bind_pw")?),
+            filter,
+            cacert: non_empty(r.string(S, "cacert")?).map(PathBuf::from),
+            timeout: seconds("timeout")?,
+        },
         sync_interval: seconds("sync_interval")?,
         live_lookup: r.boolean(S, "live_lookup")?,
     }))

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::crypto::NodeSigningKey;
 use crate::types::ServerName;
 
-pub use directory::{LdapConfig, Precedence, ProxyConfig};
+pub use directory::{LdapConfig, LdapSettings, Precedence, ProxyConfig};
 pub use keys::KeyDef;
 use parse::{RawConfig, Reader};
 pub use sms_body::{BodyTemplate, TemplateError as BodyTemplateError};

@@ -320,18 +320,21 @@ fn the_forks_ldap_section_and_a_proxy_load() {
     let (loaded, _dir) = load_text(&text).unwrap();
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let ldap = loaded.config.ldap.expect("[ldap] is on");
-    assert_eq!(ldap.uri, "ldap://dc.example.com:389");
-    assert!(ldap.startls);
-    assert_eq!(ldap.email_attrs, ["mail", "proxyAddresses"]);
-    assert_eq!(ldap.msisdn_attrs, ["telephoneNumber", "mobile"]);
-    assert_eq!(ldap.id_attr, "sAMAccountName");
-    assert_eq!(ldap.hs_name.as_deref(), Some("example.com"));
-    assert_eq!(ldap.bind_pw.as_deref(), Some("secret"));
+    assert_eq!(ldap.settings.uri, "ldap://dc.example.com:389");
+    assert!(ldap.settings.starttls);
+    assert_eq!(ldap.settings.email_attrs, ["mail", "proxyAddresses"]);
+    assert_eq!(ldap.settings.msisdn_attrs, ["telephoneNumber", "mobile"]);
+    assert_eq!(ldap.settings.id_attr, "sAMAccountName");
+    assert_eq!(ldap.settings.hs_name.as_deref(), Some("example.com"));
+    assert_eq!(ldap.settings.bind_pw.as_deref(), Some("secret"));
     assert_eq!(
-        ldap.filter.as_deref(),
+        ldap.settings.filter.as_deref(),
         Some("(&(objectClass=user)(objectCategory=person))")
     );
-    assert_eq!(ldap.timeout, std::time::Duration::from_millis(2500));
+    assert_eq!(
+        ldap.settings.timeout,
+        std::time::Duration::from_millis(2500)
+    );
     assert_eq!(ldap.sync_interval, std::time::Duration::from_secs(300));
     assert!(ldap.live_lookup);
     let proxy = loaded.config.proxy.expect("[proxy] is on");

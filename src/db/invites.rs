@@ -9,46 +9,7 @@ use diesel::SqliteConnection;
 use super::schema::{
     ephemeral_public_keys, invite_tokens, onbind_deliveries, onbind_delivery_invites,
 };
-use crate::invite::PendingInvite;
-
-/// An invite accepted by `store-invite`, with the ephemeral public key issued for it.
-#[derive(Debug, Clone)]
-pub struct NewInvite {
-    pub medium: String,
-    /// Casefolded, as the bind that delivers it.
-    pub address: String,
-    pub room_id: String,
-    pub sender: String,
-    pub token: String,
-    /// URL-safe unpadded base64, as Sydent stores it.
-    pub public_key: String,
-    /// Seconds.
-    pub received_ts: i64,
-}
-
-/// A write to the invite tables, committed by the association store.
-#[derive(Debug, Clone)]
-pub enum InviteWrite {
-    /// `store-invite`: the token row and the ephemeral key.
-    Store(NewInvite),
-    /// The invite mail could not be sent: the invite is withdrawn (its key stays valid; it
-    /// signs nothing without the token).
-    Withdraw { token: String },
-    /// The homeserver answered 200: the invites are delivered (marked `sent_ts`, or deleted
-    /// with `delete_tokens_on_bind`) and the delivery leaves the queue.
-    Delivered {
-        delivery_id: i64,
-        delete_tokens: bool,
-        now_s: i64,
-    },
-    /// The node stopped trying: the delivery stays, marked, for the admin to see; its invites
-    /// are released, so a later bind of the address delivers them again.
-    GaveUp {
-        delivery_id: i64,
-        reason: String,
-        now_ms: i64,
-    },
-}
+use crate::invite::{InviteWrite, PendingInvite};
 
 /// A queued onbind delivery, as the invite actor loads it at start.
 #[derive(Debug, Clone, Queryable)]

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,71 +51,7 @@ pub const PAGE_SIZE: i32 = 500;
 /// searches. OpenLDAP refuses requests over 256 KiB from anonymous clients.
 const MAX_FILTER_BYTES: usize = 64 * 1024;
 
-/// The `[ldap]` section as the client needs it (plain data; the config module fills it).
-#[derive(Clone, PartialEq, Eq)]
-pub struct LdapSettings {
-    /// `ldap://host[:port]` or `ldaps://host[:port]`.
-    pub uri: String,
-    /// StartTLS before the bind (for an `ldap://` URI; `ldaps://` is TLS from the start).
-    pub starttls: bool,
-    /// Searched as a subtree.
-    pub base: String,
-    /// The attributes holding email addresses (`email`), matched as an OR.
-    pub email_attrs: Vec<String>,
-    /// The attributes holding phone numbers (`msisdn`), matched as an OR.
-    pub msisdn_attrs: Vec<String>,
-    /// The attribute holding the user id (`uid`, `sAMAccountName`).
-    pub id_attr: String,
-    /// Set: the Matrix ID is `@<id>:<hs_name>`. Unset or empty: the id is the whole Matrix ID.
-    pub hs_name: Option<String>,
-    /// Unset: an anonymous bind.
-    pub bind_dn: Option<String>,
-    pub bind_pw: Option<String>,
-    /// A complete filter AND-ed into every search, e.g. `(objectClass=inetOrgPerson)`.
-    pub filter: Option<String>,
-    /// The CA file (PEM) that vouches for the server's certificate; unset: the system roots.
-    pub cacert: Option<PathBuf>,
-    /// For the connection (TCP, TLS, bind) and for each answer of a search.
-    pub timeout: Duration,
-}
-
-impl From<&crate::config::LdapConfig> for LdapSettings {
-    fn from(c: &crate::config::LdapConfig) -> Self {
-        Self {
-            uri: c.uri.clone(),
-            starttls: c.startls,
-            base: c.base.clone(),
-            email_attrs: c.email_attrs.clone(),
-            msisdn_attrs: c.msisdn_attrs.clone(),
-            id_attr: c.id_attr.clone(),
-            hs_name: c.hs_name.clone(),
-            bind_dn: c.bind_dn.clone(),
-            bind_pw: c.bind_pw.clone(),
-            filter: c.filter.clone(),
-            cacert: c.cacert.clone(),
-            timeout: c.timeout,
-        }
-    }
-}
-
-impl std::fmt::Debug for LdapSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LdapSettings")
-            .field("uri", &self.uri)
-            .field("starttls", &self.starttls)
-            .field("base", &self.base)
-            .field("email_attrs", &self.email_attrs)
-            .field("msisdn_attrs", &self.msisdn_attrs)
-            .field("id_attr", &self.id_attr)
-            .field("hs_name", &self.hs_name)
-            .field("bind_dn", &self.bind_dn)
-            .field("bind_pw", &self.bind_pw.as_ref().map(|_| "<hidden>"))
-            .field("filter", &self.filter)
-            .field("cacert", &self.cacert)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
+pub use crate::config::LdapSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LdapError {

@@ -15,8 +15,7 @@ use super::extract::Args;
 use super::validate::{brand_of, caller, send_mail, Version};
 use super::{resource, AppState};
 use crate::crypto::{decode_base64_32, random_string, sign_json, NodeSigningKey};
-use crate::db::invites::{InviteWrite, NewInvite};
-use crate::invite::redact_email;
+use crate::invite::{redact_email, InviteWrite, NewInvite};
 use crate::templates::{encoded_header_value, percent_format, standard_email_vars, TemplateKind};
 use crate::types::{casefold, Medium, Threepid};
 
