@@ -14,6 +14,9 @@
 //!   commit), the peer registry and one push queue per peer, the WAL checkpointer, the
 //!   validation sessions, the persistent onbind delivery queue.
 //! - [`lookup_index`]: every valid binding in memory, so lookups never touch SQLite.
+//! - [`resolve`]: who a 3PID belongs to: the directory, the upstream, this node's bindings, in
+//!   the operator's order, the same for every lookup path.
+//! - [`upstream`]: the client for the upstream identity server (`[proxy]`).
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
 //! - [`sms`]: sending texts through OpenMarket's v4 API (originators, `bodyTemplate`, IP filter).
@@ -40,10 +43,12 @@ pub mod mesh;
 pub mod node;
 pub mod phone;
 pub mod ratelimit;
+pub mod resolve;
 pub mod sms;
 pub mod templates;
 pub mod terms;
 pub mod types;
+pub mod upstream;
 
 /// Milliseconds since the Unix epoch, the unit of every Matrix and Sydent timestamp.
 pub fn now_ms() -> i64 {

@@ -14,14 +14,15 @@ use actix_web::{web, App, HttpServer};
 
 use crate::accounts::Accounts;
 use crate::actors::checkpoint::Checkpointer;
-use crate::actors::directory::{DirectoryMirror, LiveLookup};
+use crate::actors::directory::{DirectoryMirror, LiveLookup, StoreHandles};
 use crate::actors::onbind::{Deliver, OnbindQueue};
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::sessions::ValidationSessions;
 use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext};
 use crate::config::Config;
+use crate::config::Precedence;
 use crate::db;
-use crate::directory::LdapClient;
+use crate::directory::{DirectoryView, LdapClient};
 use crate::email::Mailer;
 use crate::homeserver::{HomeserverClient, ServerKeys};
 use crate::http::validate::ValidationLimits;
@@ -29,9 +30,11 @@ use crate::http::{self, AppState};
 use crate::invite::PendingInviteKeys;
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
+use crate::resolve::{self, Resolver};
 use crate::sms::SmsSender;
 use crate::templates::Templates;
 use crate::terms::{SharedTerms, Terms};
+use crate::upstream::Upstream;
 
 /// How long a graceful stop waits for in-flight requests.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
@@ -386,27 +389,25 @@ impl Node {
                 })?,
             );
         let sms = Arc::new(SmsSender::new(&config).map_err(|e| StartError::Other(e.to_string()))?);
-        // The section is read (and checked) already; what uses it lands next.
-        if config.proxy.is_some() {
-            log::warn!(
-                "[proxy] is read and checked, but not used yet by this version: lookups \
-                 answer from the directory and this node's bindings only"
-            );
-        }
-        let (directory, live_lookup) = match &config.ldap {
+        let (directory, directory_chain) = match &config.ldap {
             None => (None, None),
             Some(ldap) => {
                 let settings = ldap.settings.clone();
                 // Checked once here: a setting the client cannot use stops the start.
                 let client = LdapClient::new(settings.clone())
                     .map_err(|e| StartError::Other(format!("[ldap] {e}")))?;
+                let view = DirectoryView::new(&store_ctx.pepper);
+                let handles = StoreHandles {
+                    store: store.clone(),
+                    queue: store_queue.clone(),
+                    store_ctx: Arc::clone(&store_ctx),
+                    index: index.clone(),
+                };
                 let mirror = DirectoryMirror::new(
                     settings,
                     ldap.sync_interval,
-                    store.clone(),
-                    store_queue.clone(),
-                    Arc::clone(&store_ctx),
-                    index.clone(),
+                    handles.clone(),
+                    view.clone(),
                     mirror_rows,
                 )
                 .start();
@@ -415,14 +416,46 @@ impl Node {
                         client,
                         ldap.settings.timeout,
                         mirror.clone(),
-                        store_queue.clone(),
-                        Arc::clone(&store_ctx),
-                        index.clone(),
+                        view.clone(),
+                        handles,
                     )
                 });
-                (Some(mirror), live)
+                (Some(mirror), Some(resolve::Directory { view, live }))
             }
         };
+        let upstream = match &config.proxy {
+            None => None,
+            Some(proxy) => {
+                let upstream = Upstream::new(proxy).map_err(|message| StartError::Setting {
+                    key: "[proxy] identity",
+                    message,
+                })?;
+                log::info!(
+                    "[proxy]: lookups this node cannot answer are forwarded to {} ({}, {})",
+                    proxy.identity,
+                    if proxy.access_token.is_some() {
+                        "hashed, v2"
+                    } else {
+                        "in clear, v1 bulk_lookup"
+                    },
+                    match proxy.precedence {
+                        Precedence::UpstreamFirst => "before this node's bindings",
+                        Precedence::LocalFirst => "after this node's bindings",
+                    }
+                );
+                Some(Arc::new(upstream))
+            }
+        };
+        let resolver = Resolver::new(
+            index.clone(),
+            Arc::clone(&store_ctx),
+            directory_chain,
+            upstream,
+            config
+                .proxy
+                .as_ref()
+                .map_or(Precedence::UpstreamFirst, |p| p.precedence),
+        );
         if config.http.client_http_base.trim().is_empty() {
             log::warn!(
                 "[http] client_http_base is not set: the links in validation emails will be relative, and will not work"
@@ -473,7 +506,7 @@ impl Node {
             homeserver,
             onbind,
             directory,
-            live_lookup,
+            resolver,
             sessions,
             templates,
             mailer,

@@ -24,7 +24,7 @@ use serde::Serialize;
 
 use super::store::{AssociationStore, Bind, StoreContext, StoreQueue, Unbind};
 use crate::db::directory::{MirrorRow, MirrorWrite};
-use crate::directory::{search_all, DirectorySnapshot, LdapSettings};
+use crate::directory::{search_all, DirectorySnapshot, DirectoryView, LdapSettings};
 use crate::lookup_index::SharedIndex;
 use crate::types::{Medium, Mxid, Threepid};
 
@@ -51,6 +51,16 @@ pub struct DirectoryStatus {
     pub next_sync_ts: Option<i64>,
 }
 
+/// What the directory binds and unbinds through: the association store (its queue for
+/// binds, its address for unbinds), what a bind is prepared with, and the lookup index.
+#[derive(Clone)]
+pub struct StoreHandles {
+    pub store: Addr<AssociationStore>,
+    pub queue: StoreQueue,
+    pub store_ctx: Arc<StoreContext>,
+    pub index: SharedIndex,
+}
+
 pub struct DirectoryMirror {
     settings: Arc<LdapSettings>,
     interval: Duration,
@@ -60,6 +70,8 @@ pub struct DirectoryMirror {
     index: SharedIndex,
     /// (medium, address) → the Matrix ID this node bound from the directory.
     mirror: HashMap<(Medium, String), String>,
+    /// The same, as the lookup paths read it (the directory wins between syncs).
+    view: DirectoryView,
     status: DirectoryStatus,
     failures: u32,
     syncing: bool,
@@ -73,16 +85,21 @@ impl DirectoryMirror {
     pub fn new(
         settings: LdapSettings,
         interval: Duration,
-        store: Addr<AssociationStore>,
-        queue: StoreQueue,
-        store_ctx: Arc<StoreContext>,
-        index: SharedIndex,
+        handles: StoreHandles,
+        view: DirectoryView,
         rows: Vec<MirrorRow>,
     ) -> Self {
+        let StoreHandles {
+            store,
+            queue,
+            store_ctx,
+            index,
+        } = handles;
         let mirror: HashMap<_, _> = rows
             .into_iter()
             .filter_map(|r| Some(((Medium::parse(&r.medium)?, r.address), r.mxid)))
             .collect();
+        view.replace(&mirror);
         let status = DirectoryStatus {
             entries: mirror.len(),
             ..DirectoryStatus::default()
@@ -95,6 +112,7 @@ impl DirectoryMirror {
             store_ctx,
             index,
             mirror,
+            view,
             status,
             failures: 0,
             syncing: false,
@@ -315,6 +333,7 @@ impl DirectoryMirror {
     fn synced(&mut self, done: Applied, started: std::time::Instant) {
         self.failures = 0;
         self.mirror = done.mirror;
+        self.view.replace(&self.mirror);
         self.status.entries = self.mirror.len();
         self.status.last_bound = done.bound;
         self.status.last_unbound = done.unbound;
@@ -451,6 +470,7 @@ pub struct LiveLookup {
     client: crate::directory::LdapClient,
     timeout: Duration,
     mirror: Addr<DirectoryMirror>,
+    view: DirectoryView,
     queue: StoreQueue,
     store_ctx: Arc<StoreContext>,
     index: SharedIndex,
@@ -463,14 +483,20 @@ impl LiveLookup {
         client: crate::directory::LdapClient,
         timeout: Duration,
         mirror: Addr<DirectoryMirror>,
-        queue: StoreQueue,
-        store_ctx: Arc<StoreContext>,
-        index: SharedIndex,
+        view: DirectoryView,
+        handles: StoreHandles,
     ) -> Self {
+        let StoreHandles {
+            queue,
+            store_ctx,
+            index,
+            ..
+        } = handles;
         Self {
             client,
             timeout,
             mirror,
+            view,
             queue,
             store_ctx,
             index,
@@ -537,12 +563,13 @@ impl LiveLookup {
             }
         }
         if !bound.is_empty() {
-            self.mirror.do_send(Mirrored(
-                bound
-                    .iter()
-                    .map(|(m, a, x, _)| (*m, a.clone(), x.clone()))
-                    .collect(),
-            ));
+            let hits: Vec<_> = bound
+                .iter()
+                .map(|(m, a, x, _)| (*m, a.clone(), x.clone()))
+                .collect();
+            // Lookups see the hits at once; the actor records them.
+            self.view.insert(&hits);
+            self.mirror.do_send(Mirrored(hits));
         }
         bound
     }

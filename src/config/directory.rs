@@ -79,6 +79,8 @@ pub struct ProxyConfig {
     /// A v2 account token at the upstream: lookups go there hashed.
     pub access_token: Option<String>,
     pub precedence: Precedence,
+    /// For the whole of one forwarded lookup (both requests of a hashed one).
+    pub timeout: Duration,
 }
 
 pub(super) fn ldap(r: &Reader<'_>) -> Result<Option<LdapConfig>, ConfigError> {
@@ -210,10 +212,19 @@ pub(super) fn proxy(r: &Reader<'_>) -> Result<Option<ProxyConfig>, ConfigError> 
             ))
         }
     };
+    let timeout: f64 = r.number(S, "timeout")?;
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(ConfigError::invalid(
+            S,
+            "timeout",
+            "must be a number of seconds above 0",
+        ));
+    }
     Ok(Some(ProxyConfig {
         identity: url,
         access_token: non_empty(r.string(S, "access_token")?),
         precedence,
+        timeout: Duration::from_secs_f64(timeout),
     }))
 }
 

@@ -416,7 +416,7 @@ pub const KEYS: &[KeyDef] = &[
         "ldap",
         "live_lookup",
         "true",
-        "Ask the directory at once for v1 lookup addresses the mirror does not hold.",
+        "Ask the directory at once for looked-up addresses the mirror does not hold (not hashed ones).",
     ),
     // [proxy]
     key(
@@ -436,6 +436,12 @@ pub const KEYS: &[KeyDef] = &[
         "precedence",
         "upstream_first",
         "upstream_first (the fork's: directory, upstream, this node's bindings) or local_first.",
+    ),
+    key(
+        "proxy",
+        "timeout",
+        "3",
+        "Seconds a request to the upstream may take in all (connecting: at most 1 of them).",
     ),
     // [crypto]
     key(

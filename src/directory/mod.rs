@@ -8,10 +8,13 @@
 //! turns what the directory returns into 3PID → Matrix ID bindings: addresses normalised as
 //! this node stores them, the Matrix ID built and checked, and an address that two people
 //! hold left out as ambiguous. The directory actor that mirrors these bindings into the
-//! association store builds on both.
+//! association store builds on both, and keeps [`view`] (what the directory says now, read by
+//! every lookup path first) up to date.
 
 pub mod entries;
 pub mod ldap;
+pub mod view;
 
 pub use entries::{DirectoryBinding, DirectorySnapshot};
 pub use ldap::{search_addresses, search_all, LdapClient, LdapConnection, LdapError, LdapSettings};
+pub use view::DirectoryView;

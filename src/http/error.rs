@@ -275,6 +275,15 @@ impl From<crate::lookup_index::WarmUpError> for ApiError {
     }
 }
 
+impl From<crate::resolve::ResolveError> for ApiError {
+    fn from(e: crate::resolve::ResolveError) -> Self {
+        match e {
+            crate::resolve::ResolveError::WarmUp(e) => e.into(),
+            crate::resolve::ResolveError::Stored(e) => Self::Internal(e),
+        }
+    }
+}
+
 impl From<actix::MailboxError> for ApiError {
     fn from(e: actix::MailboxError) -> Self {
         Self::Internal(format!("association store unreachable: {e}"))

@@ -18,7 +18,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             resource("/_matrix/identity/internal/directory/sync")
                 .route(web::post().to(directory_sync)),
-        );
+        )
+        .service(resource("/_matrix/identity/internal/upstream").route(web::get().to(upstream)));
+}
+
+/// GET /_matrix/identity/internal/upstream: the upstream identity server (`{"enabled": false}`
+/// without `[proxy]`): its URL, whether lookups go to it hashed, requests forwarded, failures,
+/// 3PIDs forwarded and answered, last request, last error.
+async fn upstream(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let Some(upstream) = state.resolver.upstream() else {
+        return Ok(HttpResponse::Ok().json(json!({"enabled": false})));
+    };
+    let mut body =
+        serde_json::to_value(upstream.status()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["enabled"] = json!(true);
+    Ok(HttpResponse::Ok().json(body))
 }
 
 /// GET /_matrix/identity/internal/directory: the directory mirror (`{"enabled": false}` without

@@ -97,31 +97,15 @@ async fn store_invite(
         })?;
     let parsed_medium = Medium::parse(medium);
     if let Some(medium) = parsed_medium {
-        let normalised = match medium {
-            Medium::Email => casefold(address),
-            Medium::Msisdn => address.to_string(),
-        };
-        let now = crate::now_ms();
+        // Bound here, or known to the directory (asked live when the mirror does not hold
+        // it yet); never asked of the upstream, as the fork.
+        let key = crate::types::Threepid::lookup_key(medium, address).into_owned();
         let bound = state
-            .index
-            .lookup(vec![(medium, normalised)], move |index, asked| {
-                index
-                    .get(medium, &asked[0].1, now)
-                    .map(|b| b.mxid().to_string())
-            })
-            .await?;
-        // Not bound: the directory may know the address (live look-through binds it).
-        let bound = match (bound, &state.live_lookup) {
-            (None, Some(live)) => {
-                let key = crate::types::Threepid::lookup_key(medium, address).into_owned();
-                live.find(&[(medium, key)])
-                    .await
-                    .into_iter()
-                    .next()
-                    .map(|(_, _, mxid, _)| mxid)
-            }
-            (bound, _) => bound,
-        };
+            .resolver
+            .resolve(vec![(medium, key)], crate::resolve::Scope::NoUpstream)
+            .await?
+            .pop()
+            .flatten();
         if let Some(mxid) = bound {
             return Err(ApiError::ThreepidInUse { mxid });
         }

@@ -8,14 +8,16 @@ use std::collections::BTreeSet;
 
 use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 
 use super::account::{require_terms, Authed};
 use super::error::ApiError;
 use super::extract::{parse_body, Args, RawBody};
 use super::{resource, AppState, V1_PREFIX, V2_PREFIX};
-use crate::crypto::{decode_base64_32, sign_json};
-use crate::types::{InvalidValue, Medium};
+use crate::crypto::decode_base64_32;
+use crate::resolve::Scope;
+use crate::types::{InvalidValue, Medium, Threepid};
+use crate::upstream::BulkLookupAnswer;
 
 pub fn configure_v1(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(&format!("{V1_PREFIX}/lookup")).route(web::get().to(lookup)))
@@ -94,7 +96,6 @@ async fn lookup_v2(
             "More than the maximum of {limit} addresses in one request"
         )));
     }
-    let now = crate::now_ms();
     // The positions in `addresses` that were looked up, and what each found.
     let (positions, mxids): (Vec<usize>, Vec<Option<String>>) = if algorithm == "sha256" {
         // A string that is no hash of ours matches nothing.
@@ -103,16 +104,7 @@ async fn lookup_v2(
             .enumerate()
             .filter_map(|(i, hash)| Some((i, decode_base64_32(hash)?)))
             .unzip();
-        let mxids = state
-            .index
-            .lookup_hashed(digests, move |index, digests| {
-                digests
-                    .iter()
-                    .map(|d| index.get_hashed(d, now).map(|b| b.mxid().to_owned()))
-                    .collect::<Vec<_>>()
-            })
-            .await?;
-        (positions, mxids)
+        (positions, state.resolver.resolve_hashed(digests).await?)
     } else {
         // "<address> <medium>"; the medium follows the last space.
         let (positions, queries): (Vec<usize>, Vec<(Medium, String)>) = addresses
@@ -120,23 +112,17 @@ async fn lookup_v2(
             .enumerate()
             .filter_map(|(i, entry)| {
                 let (address, medium) = entry.rsplit_once(' ')?;
-                Some((i, (Medium::parse(medium)?, address.to_owned())))
+                let medium = Medium::parse(medium)?;
+                Some((
+                    i,
+                    (medium, Threepid::lookup_key(medium, address).into_owned()),
+                ))
             })
             .unzip();
-        let mxids = state
-            .index
-            .lookup(queries, move |index, asked| {
-                asked
-                    .iter()
-                    .map(|(medium, address)| {
-                        index
-                            .get(*medium, address, now)
-                            .map(|b| b.mxid().to_owned())
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await?;
-        (positions, mxids)
+        (
+            positions,
+            state.resolver.resolve(queries, Scope::All).await?,
+        )
     };
     let found: Vec<(usize, String)> = positions
         .into_iter()
@@ -176,57 +162,22 @@ fn parse_medium(medium: &str) -> Result<Medium, ApiError> {
 
 /// GET /_matrix/identity/api/v1/lookup?medium=&address=
 ///
-/// The newest valid binding's signed association as its origin signed it, with our signature
-/// when its origin was another server (added when it was received; here for the few received
-/// before); `{}` when the 3PID is not bound.
+/// The signed association of the first source that holds the 3PID (`crate::resolve`: the
+/// directory, the upstream, this node's bindings): this node's binding as its origin signed
+/// it, with our signature when its origin was another server; the upstream's as it signed
+/// it; `{}` when no source holds it.
 async fn lookup(state: web::Data<AppState>, args: Args) -> Result<HttpResponse, ApiError> {
     let [medium, address] = args.strings(["medium", "address"])?;
     let medium = parse_medium(medium)?;
-    let now = crate::now_ms();
-    let found = state
-        .index
-        .lookup(vec![(medium, address.to_owned())], move |index, asked| {
-            index
-                .get(medium, &asked[0].1, now)
-                .map(|b| (b.needs_countersignature(), b.signed_json()))
-        })
-        .await?;
-    let body = match found {
-        None => match &state.live_lookup {
-            // Not bound: the directory may know it (live look-through).
-            Some(live) => {
-                let key = crate::types::Threepid::lookup_key(medium, address).into_owned();
-                live.find(&[(medium, key)])
-                    .await
-                    .into_iter()
-                    .next()
-                    .map_or_else(|| "{}".to_owned(), |(.., signed)| signed.to_string())
-            }
-            None => "{}".to_owned(),
-        },
-        Some((false, signed)) => signed,
-        Some((true, signed)) => countersign(&signed, &state)?,
-    };
+    let key = Threepid::lookup_key(medium, address);
+    let body = state
+        .resolver
+        .resolve_signed(medium, &key)
+        .await?
+        .unwrap_or_else(|| "{}".to_owned());
     Ok(HttpResponse::Ok()
         .content_type(ContentType::json())
         .body(body))
-}
-
-/// Adds our signature to a peer's signed association unless it already carries one (as
-/// Sydent does: a client trusting this server can then verify the answer).
-fn countersign(signed: &str, state: &AppState) -> Result<String, ApiError> {
-    let mut object: Map<String, Value> = serde_json::from_str(signed)
-        .map_err(|e| ApiError::Internal(format!("stored sgAssoc is not JSON: {e}")))?;
-    let server_name = &state.config.general.server_name;
-    let ours = object
-        .get("signatures")
-        .and_then(|s| s.get(server_name.as_str()))
-        .is_some();
-    if !ours {
-        sign_json(&mut object, server_name, &state.config.crypto.signing_key)
-            .map_err(|e| ApiError::Internal(format!("cannot countersign: {e}")))?;
-    }
-    Ok(Value::Object(object).to_string())
 }
 
 /// A bulk_lookup match: (medium, address as stored, mxid).
@@ -258,39 +209,21 @@ async fn bulk_lookup(state: web::Data<AppState>, args: Args) -> Result<HttpRespo
                 "each entry of threepids must be a [medium, address] pair of strings".into(),
             ));
         };
-        queries.push((parse_medium(medium)?, address.to_owned()));
+        let medium = parse_medium(medium)?;
+        queries.push((medium, Threepid::lookup_key(medium, address).into_owned()));
     }
-    let now = crate::now_ms();
-    let live = state.live_lookup.is_some();
-    let (mut found, misses): (BTreeSet<Found>, Vec<(Medium, String)>) = state
-        .index
-        .lookup(queries, move |index, asked| {
-            let mut found = BTreeSet::new();
-            let mut misses = Vec::new();
-            for (medium, address) in asked {
-                match index.get(*medium, address, now) {
-                    Some(b) => {
-                        found.insert((*medium, b.address().to_owned(), b.mxid().to_owned()));
-                    }
-                    None if live => misses.push((
-                        *medium,
-                        crate::types::Threepid::lookup_key(*medium, address).into_owned(),
-                    )),
-                    None => {}
-                }
-            }
-            (found, misses)
-        })
-        .await?;
-    if let Some(live) = &state.live_lookup {
-        // One search for all the misses of the request.
-        for (medium, address, mxid, _) in live.find(&misses).await {
-            found.insert((medium, address, mxid));
-        }
-    }
-    let threepids: Vec<Value> = found
+    let mxids = state.resolver.resolve(queries.clone(), Scope::All).await?;
+    // Each match once, in a stable order, with the address as this node keys it.
+    let found: BTreeSet<Found> = queries
         .into_iter()
-        .map(|(medium, address, mxid)| json!([medium.as_str(), address, mxid]))
+        .zip(mxids)
+        .filter_map(|((medium, key), mxid)| Some((medium, key, mxid?)))
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "threepids": threepids })))
+    let answer = BulkLookupAnswer {
+        threepids: found
+            .into_iter()
+            .map(|(medium, address, mxid)| (medium.as_str().to_owned(), address, mxid))
+            .collect(),
+    };
+    Ok(HttpResponse::Ok().json(answer))
 }

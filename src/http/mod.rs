@@ -69,8 +69,9 @@ pub struct AppState {
     pub onbind: Addr<crate::actors::onbind::OnbindQueue>,
     /// The directory mirror, when `[ldap]` is set.
     pub directory: Option<Addr<crate::actors::directory::DirectoryMirror>>,
-    /// Live look-through of lookup misses, when `[ldap] live_lookup` is on.
-    pub live_lookup: Option<crate::actors::directory::LiveLookup>,
+    /// Who a 3PID belongs to: the directory, the upstream, this node's bindings, in the
+    /// operator's order (every lookup path and store-invite ask it).
+    pub resolver: crate::resolve::Resolver,
     /// Homeservers' signing keys (homeserver-signed unbinds), fetched through `homeserver`.
     pub server_keys: Arc<crate::homeserver::ServerKeys>,
     /// The validation sessions' owner.

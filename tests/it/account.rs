@@ -96,6 +96,46 @@ pub async fn register(node: &TestNode, openid: &str, server: &str) -> (u16, Valu
     .await
 }
 
+/// A v2 account on `node` for a user of `hs`: its token and the node's lookup pepper.
+pub async fn account_and_pepper(
+    node: &TestNode,
+    hs: &crate::harness::matrix_hs::MatrixHomeserver,
+) -> (String, String) {
+    let (status, account) = register(node, &hs.openid_token("u"), &hs.server_name).await;
+    assert_eq!(status, 200, "{account}");
+    let token = account["token"].as_str().unwrap().to_string();
+    let (status, details) = get_authed(
+        node,
+        "/_matrix/identity/v2/hash_details",
+        Some(&token),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200, "{details}");
+    (
+        token,
+        details["lookup_pepper"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A v2 lookup of `addresses` with `algorithm` (asserting 200): its `mappings`.
+pub async fn v2_lookup(
+    node: &TestNode,
+    (token, pepper): &(String, String),
+    algorithm: &str,
+    addresses: &[String],
+) -> Value {
+    let (status, found) = post_authed(
+        node,
+        "/_matrix/identity/v2/lookup",
+        token,
+        &json!({"algorithm": algorithm, "pepper": pepper, "addresses": addresses}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    found["mappings"].clone()
+}
+
 /// GET with `Authorization: Bearer <token>`, or the token in the query when `in_query`.
 pub async fn get_authed(
     node: &TestNode,

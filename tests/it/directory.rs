@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use sydent_rs::crypto::lookup_hash;
 
-use crate::account::{get_authed, post_authed, register};
+use crate::account::{account_and_pepper, v2_lookup};
 use crate::harness::matrix_hs::MatrixHomeserver;
 use crate::harness::slapd::{person, Slapd, ADMIN_DN, ADMIN_PW, PEOPLE};
 use crate::harness::{base_config, client, get_json, TestCa, TestNode};
@@ -107,27 +107,10 @@ async fn the_directory_is_mirrored_as_this_nodes_bindings() {
     let phone = lookup(&node, "msisdn", "15551234567").await;
     assert_eq!(phone["mxid"], "@alice:example.org", "{phone}");
     // v2, hashed: what the fork cannot answer at all.
-    let (status, account) = register(&node, &hs.openid_token("u"), &hs.server_name).await;
-    assert_eq!(status, 200, "{account}");
-    let token = account["token"].as_str().unwrap();
-    let (_, details) = get_authed(
-        &node,
-        "/_matrix/identity/v2/hash_details",
-        Some(token),
-        false,
-    )
-    .await;
-    let pepper = details["lookup_pepper"].as_str().unwrap();
-    let hashed = lookup_hash("alice@example.org", "email", pepper);
-    let (status, found) = post_authed(
-        &node,
-        "/_matrix/identity/v2/lookup",
-        token,
-        &json!({"algorithm": "sha256", "pepper": pepper, "addresses": [hashed]}),
-    )
-    .await;
-    assert_eq!(status, 200, "{found}");
-    assert_eq!(found["mappings"][&hashed], "@alice:example.org");
+    let account = account_and_pepper(&node, &hs).await;
+    let hashed = lookup_hash("alice@example.org", "email", &account.1);
+    let found = v2_lookup(&node, &account, "sha256", std::slice::from_ref(&hashed)).await;
+    assert_eq!(found[&hashed], "@alice:example.org");
 
     // A person added to the directory is bound at the next sync; one removed is unbound.
     slapd.add(&person("Carol", &["uid: carol", "mail: carol@example.org"]));

@@ -22,6 +22,7 @@ mod sydent_interop;
 mod templates;
 mod terms;
 mod unbind_signed;
+mod upstream;
 mod validation;
 mod validation_sms;
 mod vectors;
