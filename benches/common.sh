@@ -44,3 +44,15 @@ wait_serving() {
 report() {
   awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} END {printf "%-44s %10s req/s   p50 %-8s p99 %s\n", name, rps, p50, p99}'
 }
+
+# lookup_lua FILE: a wrk script of v1 lookups of random seed-<i>@example.org, i < 20,000 (half
+# of them bound when 10,000 are seeded).
+lookup_lua() {
+  cat > "$1" <<'LUA'
+math.randomseed(os.time())
+request = function()
+  local i = math.random(0, 19999)
+  return wrk.format("GET", "/_matrix/identity/api/v1/lookup?medium=email&address=seed-" .. i .. "%40example.org")
+end
+LUA
+}

@@ -61,13 +61,7 @@ until curl -sf "http://127.0.0.1:$I_b/_matrix/identity/internal/replication" | p
 curl -sf "http://127.0.0.1:$C_b/_matrix/identity/api/v1/lookup?medium=email&address=seed-1%40example.org" | grep -q '"b.bench"' \
   || { echo "B does not countersign A's binding" >&2; exit 1; }
 
-cat > "$DIR/lookup.lua" <<'LUA'
-math.randomseed(os.time())
-request = function()
-  local i = math.random(0, 19999)
-  return wrk.format("GET", "/_matrix/identity/api/v1/lookup?medium=email&address=seed-" .. i .. "%40example.org")
-end
-LUA
+lookup_lua "$DIR/lookup.lua"
 echo "== sydent-rs $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $CONNS connections, $DURATION each"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$C_a" | report "v1 lookup on A (bound on A), 50% hits"
 wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$DIR/lookup.lua" "http://127.0.0.1:$C_b" | report "v1 lookup on B (replicated from A), 50% hits"

@@ -53,6 +53,8 @@ pub struct Mailer {
     from: Option<Address>,
     /// A plain `Mutex`: held only to push or pop a connection, never across I/O.
     idle: Mutex<Vec<AsyncSmtpConnection>>,
+    /// Sends and failures, counted once the metrics are on ([`Self::count_in`]).
+    counters: std::sync::OnceLock<crate::metrics::SendCounters>,
 }
 
 impl Mailer {
@@ -86,6 +88,7 @@ impl Mailer {
             ClientId::Domain(config.hostname.trim().to_string())
         };
         Ok(Self {
+            counters: std::sync::OnceLock::new(),
             host,
             port: config.smtp_port,
             tls_mode: config.tls_mode,
@@ -101,7 +104,21 @@ impl Mailer {
 
     /// Hands `message` (a whole RFC 5322 message, headers included) to the SMTP server for
     /// `to`; Ok once the server accepted it.
+    /// Counts every send in `counters` from now on (Sydent's `sydent_emails_sent`).
+    pub fn count_in(&self, counters: crate::metrics::SendCounters) {
+        let _ = self.counters.set(counters);
+    }
+
+    /// Sends `message` to `to`, counted when the metrics are on.
     pub async fn send(&self, to: &str, message: &[u8]) -> Result<(), EmailError> {
+        let sent = self.send_once(to, message).await;
+        if let Some(counters) = self.counters.get() {
+            counters.record(sent.is_ok());
+        }
+        sent
+    }
+
+    async fn send_once(&self, to: &str, message: &[u8]) -> Result<(), EmailError> {
         let to_address: Address = to
             .parse()
             .map_err(|_| EmailError::InvalidAddress(to.to_string()))?;

@@ -17,6 +17,7 @@
 //! - [`resolve`]: who a 3PID belongs to: the directory, the upstream, this node's bindings, in
 //!   the operator's order, the same for every lookup path.
 //! - [`upstream`]: the client for the upstream identity server (`[proxy]`).
+//! - [`metrics`]: the Prometheus metrics (`prometheus_port`), lock-free on the request path.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
 //! - [`sms`]: sending texts through OpenMarket's v4 API (originators, `bodyTemplate`, IP filter).
@@ -40,6 +41,7 @@ pub mod http;
 pub mod invite;
 pub mod lookup_index;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod phone;
 pub mod ratelimit;

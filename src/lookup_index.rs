@@ -121,6 +121,9 @@ pub struct LookupIndex {
     /// otherwise choose ones whose hashes collide in the table.
     hasher: RandomState,
     threepids: usize,
+    /// Bindings held, and how many of them this node made (the metrics' gauges).
+    bindings: usize,
+    local_bindings: usize,
 }
 
 impl LookupIndex {
@@ -139,6 +142,8 @@ impl LookupIndex {
             origin_numbers: HashMap::new(),
             hasher: RandomState::new(),
             threepids: 0,
+            bindings: 0,
+            local_bindings: 0,
         }
     }
 
@@ -344,7 +349,15 @@ impl LookupIndex {
         }
     }
 
+    fn is_own(&self, origin: u16) -> bool {
+        self.origins
+            .get(origin as usize)
+            .is_some_and(|name| **name == *self.own_name)
+    }
+
     fn alloc(&mut self, record: Record) -> u32 {
+        self.bindings += 1;
+        self.local_bindings += usize::from(self.is_own(record.origin));
         if let Some(slot) = self.records.get_mut(self.free as usize) {
             let index = self.free;
             self.free = slot.next;
@@ -356,6 +369,8 @@ impl LookupIndex {
     }
 
     fn release(&mut self, index: u32) {
+        self.bindings -= 1;
+        self.local_bindings -= usize::from(self.is_own(self.records[index as usize].origin));
         let free = self.free;
         let record = &mut self.records[index as usize];
         self.dead_text += record.key_len as usize + record.mxid_len as usize;
@@ -497,6 +512,11 @@ impl LookupIndex {
     pub fn newest_ts(&self, medium: Medium, address: &str) -> Option<i64> {
         let key = Threepid::lookup_key(medium, address);
         self.chain(self.head(medium, &key)).map(|r| r.ts).max()
+    }
+
+    /// The bindings held: (made by this node, received from peers).
+    pub fn binding_counts(&self) -> (usize, usize) {
+        (self.local_bindings, self.bindings - self.local_bindings)
     }
 
     /// How many 3PIDs have at least one binding.
@@ -894,6 +914,33 @@ mod tests {
             sg_assoc: signed.to_string(),
             ..row(origin, id, address, "@u:x.org", 1_000)
         }
+    }
+
+    #[test]
+    fn bindings_are_counted_by_origin() {
+        let mut index = LookupIndex::new("me.test", "pepper", 4);
+        index.insert(
+            row("me.test", 1, "a@x.org", "@a:x.org", 10),
+            Signatures::FromRow,
+        );
+        index.insert(
+            row("peer.test", 1, "a@x.org", "@b:x.org", 11),
+            Signatures::FromRow,
+        );
+        index.insert(
+            row("peer.test", 2, "c@x.org", "@c:x.org", 12),
+            Signatures::FromRow,
+        );
+        assert_eq!(index.binding_counts(), (1, 2));
+        // A newer binding of the same origin replaces its older one: no new binding.
+        index.insert(
+            row("me.test", 3, "a@x.org", "@d:x.org", 13),
+            Signatures::FromRow,
+        );
+        assert_eq!(index.binding_counts(), (1, 2));
+        // A tombstone newer than every binding of a@x.org removes both.
+        index.remove("me.test", Medium::Email, "a@x.org", 4, 14);
+        assert_eq!(index.binding_counts(), (0, 1));
     }
 
     #[test]

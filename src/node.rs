@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use actix::{Actor, Addr};
 use actix_web::dev::ServerHandle;
-use actix_web::middleware::{Condition, Logger};
+use actix_web::middleware::{from_fn, Condition, Logger};
 use actix_web::{web, App, HttpServer};
 
 use crate::accounts::Accounts;
@@ -30,6 +30,7 @@ use crate::http::{self, AppState};
 use crate::invite::PendingInviteKeys;
 use crate::lookup_index::{LookupIndex, SharedIndex};
 use crate::mesh::tls::MeshTls;
+use crate::metrics::{Metrics, NodeSources};
 use crate::resolve::{self, Resolver};
 use crate::sms::SmsSender;
 use crate::templates::Templates;
@@ -56,6 +57,8 @@ pub struct Listeners {
     pub internal: Option<TcpListener>,
     /// Bound when `replication.https.certfile` is set.
     pub replication: Option<TcpListener>,
+    /// Bound when `prometheus_port` and `prometheus_addr` are both set (as Sydent).
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -89,11 +92,34 @@ impl Listeners {
                 )
             })
             .transpose()?;
+        let general = &config.general;
+        let metrics = match (general.prometheus_port, &general.prometheus_addr) {
+            (Some(port), Some(address)) => {
+                Some(listen("[general] prometheus_port", address, port)?)
+            }
+            (None, None) => None,
+            _ => {
+                log::warn!(
+                    "[general] prometheus_port and prometheus_addr are both needed: no metrics"
+                );
+                None
+            }
+        };
         Ok(Self {
             client,
             internal,
             replication,
+            metrics,
         })
+    }
+}
+
+/// Gives an app the metrics (when they are on), for the middleware that counts requests.
+fn counted(metrics: &Option<web::Data<Metrics>>) -> impl FnOnce(&mut web::ServiceConfig) + '_ {
+    move |cfg| {
+        if let Some(metrics) = metrics {
+            cfg.app_data(metrics.clone());
+        }
     }
 }
 
@@ -339,6 +365,7 @@ impl Node {
             panic_on_bind: std::env::var("SYDENT_RS_TEST_PANIC_ON_BIND").ok(),
             pending_invites: Arc::clone(&pending_invites),
             onbind: Some(onbind_tx),
+            counters: std::sync::OnceLock::new(),
         });
         let (failed_tx, failed) = tokio::sync::oneshot::channel();
         let (store, store_queue) = AssociationStore::new(
@@ -462,6 +489,19 @@ impl Node {
             );
         }
         let active_peers = ActivePeers::default();
+        // Prometheus metrics, when their listener is set: the senders and the store count
+        // into them from now on.
+        let metrics = listeners.metrics.as_ref().map(|_| {
+            let metrics = Metrics::new(NodeSources {
+                index: index.clone(),
+                peers: tls.as_ref().map(|_| active_peers.clone()),
+                upstream: resolver.upstream().cloned(),
+            });
+            mailer.count_in(metrics.emails.clone());
+            sms.count_in(metrics.sms.clone());
+            let _ = store_ctx.counters.set(metrics.writes.clone());
+            web::Data::new(metrics)
+        });
         let registry = match &tls {
             None => None,
             Some(tls) => {
@@ -486,6 +526,7 @@ impl Node {
                         local_id.clone(),
                         active_peers.clone(),
                         initial,
+                        metrics.as_ref().map(|m| m.clone().into_inner()),
                     )
                     .start(),
                 )
@@ -523,11 +564,17 @@ impl Node {
         {
             let state = state.clone();
             let app_config = Arc::clone(&config);
+            let metrics = metrics.clone();
             let server = HttpServer::new(move || {
                 let config = Arc::clone(&app_config);
                 App::new()
                     .app_data(state.clone())
                     .app_data(http::payload_config())
+                    .configure(counted(&metrics))
+                    .wrap(Condition::new(
+                        metrics.is_some(),
+                        from_fn(http::metrics::record),
+                    ))
                     // No query strings in the log: they hold the 3PIDs being looked up.
                     .wrap(Condition::new(
                         log_requests,
@@ -552,10 +599,16 @@ impl Node {
         if let Some(listener) = listeners.internal {
             internal_addr = listener.local_addr().ok();
             let state = state.clone();
+            let metrics = metrics.clone();
             let server = HttpServer::new(move || {
                 App::new()
                     .app_data(state.clone())
                     .app_data(http::payload_config())
+                    .configure(counted(&metrics))
+                    .wrap(Condition::new(
+                        metrics.is_some(),
+                        from_fn(http::metrics::record),
+                    ))
                     .configure(http::internal_api)
                     .default_service(web::to(http::unknown_endpoint))
             });
@@ -578,9 +631,15 @@ impl Node {
             let server_config = tls
                 .server_config()
                 .map_err(|e| StartError::Other(e.to_string()))?;
+            let metrics = metrics.clone();
             let server = HttpServer::new(move || {
                 App::new()
                     .app_data(receiver.clone())
+                    .configure(counted(&metrics))
+                    .wrap(Condition::new(
+                        metrics.is_some(),
+                        from_fn(http::metrics::record),
+                    ))
                     .configure(http::replication::configure_receiver)
                     .default_service(web::to(http::unknown_endpoint))
             })
@@ -594,6 +653,19 @@ impl Node {
                 Some(server_config),
             )?;
             servers.push(running);
+        }
+
+        let mut metrics_addr = None;
+        if let (Some(listener), Some(metrics)) = (listeners.metrics, &metrics) {
+            metrics_addr = listener.local_addr().ok();
+            let metrics = metrics.clone();
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(metrics.clone())
+                    .configure(http::metrics::configure)
+                    .default_service(web::to(http::unknown_endpoint))
+            });
+            servers.push(serve("metrics", server, 1, listener, None)?);
         }
 
         let pidfile = config.general.pidfile_path.clone();
@@ -613,6 +685,9 @@ impl Node {
                 .map(|a| format!(", internal API on http://{a}"))
                 .unwrap_or_default()
         );
+        if let Some(addr) = metrics_addr {
+            log::info!("metrics on http://{addr}/metrics");
+        }
         if let Some(addr) = replication_addr {
             log::info!(
                 "replication on https://{addr}, peers from {}",

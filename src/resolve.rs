@@ -80,8 +80,8 @@ impl Resolver {
         }
     }
 
-    pub fn upstream(&self) -> Option<&Upstream> {
-        self.upstream.as_deref()
+    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
+        self.upstream.as_ref()
     }
 
     /// The Matrix ID of each of `asked` (normalised 3PIDs), in order; `None` where no source

@@ -134,6 +134,8 @@ pub struct SmsSender {
     password: String,
     originators: BTreeMap<String, Vec<Originator>>,
     template: BodyTemplate,
+    /// Sends and failures, counted once the metrics are on ([`Self::count_in`]).
+    counters: std::sync::OnceLock<crate::metrics::SendCounters>,
 }
 
 impl SmsSender {
@@ -160,6 +162,7 @@ impl SmsSender {
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
+            counters: std::sync::OnceLock::new(),
             client,
             url: sms.api_url.clone(),
             filter,
@@ -181,7 +184,21 @@ impl SmsSender {
     }
 
     /// Sends `body` to `msisdn` (E.164 without `+`; `country_code` picks the originator).
+    /// Counts every send in `counters` from now on.
+    pub fn count_in(&self, counters: crate::metrics::SendCounters) {
+        let _ = self.counters.set(counters);
+    }
+
+    /// Sends `body` to `msisdn`, counted when the metrics are on.
     pub async fn send(&self, msisdn: &str, country_code: u16, body: &str) -> Result<(), SmsError> {
+        let sent = self.send_once(msisdn, country_code, body).await;
+        if let Some(counters) = self.counters.get() {
+            counters.record(sent.is_ok());
+        }
+        sent
+    }
+
+    async fn send_once(&self, msisdn: &str, country_code: u16, body: &str) -> Result<(), SmsError> {
         let host = self.url.host_str().unwrap_or_default();
         // Address literals never reach the filtering resolver: judged here.
         if let Ok(ip) = host

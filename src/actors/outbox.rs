@@ -42,6 +42,8 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct OutgoingRow {
     pub id: i64,
+    /// When it was bound or unbound here (ms): what replication lag is measured from.
+    pub ts: i64,
     pub signed: Box<RawValue>,
 }
 
@@ -65,9 +67,14 @@ pub fn read_signed(
                 not_after: row.not_after,
             };
             let signed = assoc.signed(own_name, key).map_err(|e| e.to_string())?;
+            let assoc_ts = assoc.ts;
             let signed = serde_json::value::to_raw_value(&Value::Object(signed))
                 .map_err(|e| e.to_string())?;
-            Ok(Arc::new(OutgoingRow { id: row.id, signed }))
+            Ok(Arc::new(OutgoingRow {
+                id: row.id,
+                ts: assoc_ts,
+                signed,
+            }))
         })
         .collect()
 }

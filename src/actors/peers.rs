@@ -143,6 +143,8 @@ pub struct PeerRegistry {
     pub initial: Option<BTreeMap<String, Peer>>,
     /// The rows and cursors every pusher shares, started with the first of them.
     outbox: Option<Addr<Outbox>>,
+    /// Where pushers measure their replication lag, when the metrics are on.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     pushers: BTreeMap<String, (ActivePeer, Addr<Pusher>)>,
     reported: Vec<String>,
     scanning: bool,
@@ -156,6 +158,7 @@ impl PeerRegistry {
         local_id: watch::Receiver<i64>,
         active: ActivePeers,
         initial: (BTreeMap<String, Peer>, Vec<String>),
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Self {
         let mut registry = Self {
             sources,
@@ -165,6 +168,7 @@ impl PeerRegistry {
             active,
             initial: Some(initial.0),
             outbox: None,
+            metrics,
             pushers: BTreeMap::new(),
             reported: Vec::new(),
             scanning: false,
@@ -232,6 +236,7 @@ impl PeerRegistry {
                 outbox: outbox.clone(),
                 status: Arc::clone(&active.status),
                 wake: Arc::clone(&active.wake),
+                lag: self.metrics.as_ref().map(|m| m.replication_lag(name)),
             }
             .start();
             self.pushers.insert(name.clone(), (active, addr));

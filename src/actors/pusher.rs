@@ -32,6 +32,7 @@ use crate::db::queries;
 use crate::mesh::peers::Peer;
 use crate::mesh::tls::describe_error;
 use crate::mesh::wire::PushBody;
+use crate::metrics::AtomicHistogram;
 use crate::types::ServerName;
 
 /// Associations per push, at most. ~350 bytes each: a push stays well under a megabyte.
@@ -56,6 +57,8 @@ pub struct PushStatus {
     pub last_success_ts: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_ts: Option<i64>,
+    /// Pushes that failed since start.
+    pub errors: u64,
     /// While `retrying`: when the next attempt is due (ms since the epoch) unless the peer
     /// shows it is back first; `None` otherwise.
     pub next_attempt_ts: Option<i64>,
@@ -80,6 +83,8 @@ pub struct Pusher {
     pub outbox: Addr<Outbox>,
     pub status: SharedStatus,
     pub wake: Arc<Notify>,
+    /// Replication lag to this peer, when the metrics are on.
+    pub lag: Option<AtomicHistogram>,
 }
 
 /// Stops a pusher (its peer was removed or changed). An in-flight push is abandoned; the
@@ -109,6 +114,7 @@ impl Actor for Pusher {
             outbox: self.outbox.clone(),
             status: Arc::clone(&self.status),
             wake: Arc::clone(&self.wake),
+            lag: self.lag.clone(),
             conn: None,
         };
         ctx.spawn(job.run().into_actor(self));
@@ -135,6 +141,7 @@ struct PushLoop {
     outbox: Addr<Outbox>,
     status: SharedStatus,
     wake: Arc<Notify>,
+    lag: Option<AtomicHistogram>,
     /// Travels to the blocking thread and back, like the store's.
     conn: Option<SqliteConnection>,
 }
@@ -147,6 +154,8 @@ struct Batch {
     backlog: i64,
     /// Read from the database and full: the queue is catching up, more follow at once.
     catching_up: bool,
+    /// Each row's `ts` (ms): the lag is measured from it when the peer acknowledges.
+    row_ts: Vec<i64>,
 }
 
 impl Batch {
@@ -167,6 +176,7 @@ impl Batch {
             last_id: last.id,
             backlog: i64::try_from(backlog).unwrap_or(i64::MAX),
             catching_up: false,
+            row_ts: rows.iter().map(|row| row.ts).collect(),
         }))
     }
 }
@@ -284,6 +294,11 @@ impl PushLoop {
                     }
                     cursor = batch.last_id;
                     let now = crate::now_ms();
+                    if let Some(lag) = &self.lag {
+                        for ts in &batch.row_ts {
+                            lag.observe((now - ts).max(0) as f64 / 1000.0);
+                        }
+                    }
                     self.outbox.do_send(Acked {
                         peer: self.peer_name.clone(),
                         cursor,
@@ -316,6 +331,7 @@ impl PushLoop {
         self.update(|s| {
             s.last_error = Some(error);
             s.last_error_ts = Some(crate::now_ms());
+            s.errors += 1;
             s.state = "retrying";
         });
     }

@@ -208,6 +208,8 @@ pub struct StoreContext {
     /// Where committed onbind deliveries go (the delivery actor); `None` in tools that only
     /// write.
     pub onbind: Option<tokio::sync::mpsc::UnboundedSender<QueuedDelivery>>,
+    /// Binds and unbinds made here, counted once the metrics are on.
+    pub counters: std::sync::OnceLock<crate::metrics::WriteCounters>,
 }
 
 /// An onbind delivery committed to the queue table, for the delivery actor.
@@ -551,6 +553,9 @@ fn finish_batch(
             } => {
                 deliveries.extend(onbind.iter().map(|d| (**d).clone()));
                 newest_local = newest_local.max(Some(row.origin_id));
+                if let Some(counters) = ctx.counters.get() {
+                    counters.binds.inc();
+                }
                 let signatures = match signature {
                     Some(signature) => Signatures::Own(*signature),
                     None => Signatures::FromRow,
@@ -584,6 +589,9 @@ fn finish_batch(
                 threepid,
             } => {
                 newest_local = newest_local.max(Some(*id));
+                if let Some(counters) = ctx.counters.get() {
+                    counters.unbinds.inc();
+                }
                 changes.push(Change::Remove {
                     origin: ctx.server_name.to_string(),
                     medium: threepid.medium,

@@ -16,6 +16,7 @@ pub mod extract;
 mod internal;
 mod invite;
 mod lookup;
+pub mod metrics;
 mod pubkey;
 pub mod replication;
 mod status;

@@ -15,6 +15,7 @@ mod invites;
 mod ldap;
 mod lookup_v2;
 mod mesh;
+mod metrics;
 mod onbind;
 mod sms;
 mod sydent_db;
