@@ -79,7 +79,26 @@ pub fn configure_receiver(cfg: &mut web::ServiceConfig) {
 }
 
 pub fn configure_status(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/_matrix/identity/internal/replication").route(web::get().to(status)));
+    cfg.service(resource("/_matrix/identity/internal/replication").route(web::get().to(status)))
+        .service(resource("/_matrix/identity/internal/status").route(web::get().to(status_page)));
+}
+
+/// The live mesh status page: one HTML page, no external assets, that reads the JSON below
+/// once a second (this node and every peer: state, backlog, last success and error, what the
+/// peer pushed to us).
+const STATUS_PAGE: &str = include_str!("mesh_status.html");
+
+/// GET /_matrix/identity/internal/status: the live mesh status page.
+async fn status_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        // Everything is inline: nothing else may load (nor frame it).
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; frame-ancestors 'none'",
+        ))
+        .body(STATUS_PAGE)
 }
 
 /// The active peer a connection's client certificate names, or 403 `M_UNKNOWN_PEER`.
@@ -342,6 +361,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
         return HttpResponse::Ok().json(json!({
             "enabled": false,
             "reason": "[http] replication.https.certfile is not set",
+            "server_name": state.config.general.server_name.as_str(),
             "local_id": local_id,
             "peers": {},
         }));
@@ -365,6 +385,7 @@ async fn status(state: web::Data<AppState>) -> HttpResponse {
     }
     HttpResponse::Ok().json(json!({
         "enabled": true,
+        "server_name": state.config.general.server_name.as_str(),
         "local_id": local_id,
         "peers": out,
     }))

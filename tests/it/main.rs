@@ -18,6 +18,7 @@ mod mesh;
 mod metrics;
 mod onbind;
 mod sms;
+mod status_page;
 mod sydent_db;
 mod sydent_interop;
 mod templates;
