@@ -18,6 +18,7 @@
 //!   the operator's order, the same for every lookup path.
 //! - [`upstream`]: the client for the upstream identity server (`[proxy]`).
 //! - [`metrics`]: the Prometheus metrics (`prometheus_port`), lock-free on the request path.
+//! - [`client_tls`]: the client API over HTTPS, its certificate re-read on SIGHUP.
 //! - [`mesh`]: replication peers (peers.d), the mutual TLS, the push wire format, `new-mesh`.
 //! - [`email`]: sending mail over SMTP (lettre, rustls).
 //! - [`sms`]: sending texts through OpenMarket's v4 API (originators, `bodyTemplate`, IP filter).
@@ -31,6 +32,7 @@
 pub mod accounts;
 pub mod actors;
 pub mod association;
+pub mod client_tls;
 pub mod config;
 pub mod crypto;
 pub mod db;

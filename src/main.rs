@@ -288,7 +288,7 @@ fn run(config_path_arg: Option<PathBuf>) -> ExitCode {
 /// The exit code when the association store failed (EX_SOFTWARE).
 const EXIT_STORE_FAILED: u8 = 70;
 
-/// SIGTERM, SIGINT (stop) and SIGHUP (re-read the replication peers and the terms), handled from before the
+/// SIGTERM, SIGINT (stop) and SIGHUP (re-read the replication peers, the terms and the HTTPS certificate), handled from before the
 /// node starts.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
@@ -306,7 +306,7 @@ impl StopSignals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the replication peers and terms meanwhile.
+    /// Waits for SIGTERM or SIGINT; SIGHUP re-reads the peers, terms and certificate meanwhile.
     async fn wait(mut self, node: &Node) {
         loop {
             tokio::select! {
@@ -315,6 +315,7 @@ impl StopSignals {
                 _ = self.hup.recv() => {
                     node.reload_peers();
                     node.reload_terms();
+                    node.reload_certificate();
                 }
             }
         }

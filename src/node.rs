@@ -19,6 +19,7 @@ use crate::actors::onbind::{Deliver, OnbindQueue};
 use crate::actors::peers::{ActivePeers, PeerRegistry, PeerSources, Rescan, StopAll};
 use crate::actors::sessions::ValidationSessions;
 use crate::actors::store::{AssociationStore, Flush, QueuedDelivery, StoreContext};
+use crate::client_tls::ReloadingCert;
 use crate::config::Config;
 use crate::config::Precedence;
 use crate::db;
@@ -53,7 +54,10 @@ pub enum StartError {
 
 /// The sockets a node serves on, bound before the node starts (tests bind port 0).
 pub struct Listeners {
-    pub client: TcpListener,
+    /// Plain HTTP, unless `clientapi.http.port` is empty.
+    pub client: Option<TcpListener>,
+    /// Bound when `clientapi.https.port` is set.
+    pub client_https: Option<TcpListener>,
     pub internal: Option<TcpListener>,
     /// Bound when `replication.https.certfile` is set.
     pub replication: Option<TcpListener>,
@@ -66,11 +70,27 @@ impl Listeners {
     /// `127.0.0.1` on hosts without IPv6 (many containers).
     pub fn bind(config: &Config) -> Result<Self, StartError> {
         let http = &config.http;
-        let client = listen(
-            "[http] clientapi.http.port",
-            &http.clientapi_bind_address,
-            http.clientapi_port,
-        )?;
+        let client = http
+            .clientapi_port
+            .map(|port| {
+                listen(
+                    "[http] clientapi.http.port",
+                    &http.clientapi_bind_address,
+                    port,
+                )
+            })
+            .transpose()?;
+        let client_https = http
+            .clientapi_https
+            .as_ref()
+            .map(|https| {
+                listen(
+                    "[http] clientapi.https.port",
+                    &https.bind_address,
+                    https.port,
+                )
+            })
+            .transpose()?;
         let internal = http
             .internalapi_port
             .map(|port| {
@@ -107,6 +127,7 @@ impl Listeners {
         };
         Ok(Self {
             client,
+            client_https,
             internal,
             replication,
             metrics,
@@ -169,8 +190,7 @@ fn serve<F, I, S, B>(
     what: &str,
     server: HttpServer<F, I, S, B>,
     workers: usize,
-    listener: TcpListener,
-    tls: Option<rustls::ServerConfig>,
+    listeners: Vec<(TcpListener, Option<rustls::ServerConfig>)>,
 ) -> Result<RunningServer, StartError>
 where
     F: Fn() -> I + Send + Clone + 'static,
@@ -190,18 +210,22 @@ where
     if workers > 0 {
         server = server.workers(workers);
     }
-    let server = match tls {
-        None => server.listen(listener),
-        Some(tls) => server.listen_rustls_0_23(listener, tls),
+    for (listener, tls) in listeners {
+        server = match tls {
+            None => server.listen(listener),
+            Some(tls) => server.listen_rustls_0_23(listener, tls),
+        }
+        .map_err(|e| StartError::Other(format!("{what}: {e}")))?;
     }
-    .map_err(|e| StartError::Other(format!("{what}: {e}")))?
-    .run();
+    let server = server.run();
     Ok((server.handle(), actix_web::rt::spawn(server)))
 }
 
 /// A started node; [`Node::stop`] stops it in order.
 pub struct Node {
-    pub client_addr: SocketAddr,
+    /// The plain HTTP client API, unless it is off.
+    pub client_addr: Option<SocketAddr>,
+    pub client_https_addr: Option<SocketAddr>,
     pub internal_addr: Option<SocketAddr>,
     servers: Vec<RunningServer>,
     pub replication_addr: Option<SocketAddr>,
@@ -211,6 +235,8 @@ pub struct Node {
     pidfile: Option<PathBuf>,
     /// Says why, if the association store stopped because it could not commit.
     failed: Option<tokio::sync::oneshot::Receiver<String>>,
+    /// The client API's HTTPS certificate (re-read on SIGHUP).
+    client_cert: Option<Arc<ReloadingCert>>,
     /// The terms in force and the file they come from (re-read on SIGHUP).
     terms: (SharedTerms, Option<PathBuf>),
 }
@@ -555,10 +581,19 @@ impl Node {
             limits: Arc::new(ValidationLimits::new(&config)),
         });
 
-        let client_addr = listeners
-            .client
-            .local_addr()
-            .map_err(|e| StartError::Other(e.to_string()))?;
+        let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
+        let client_https_addr = listeners
+            .client_https
+            .as_ref()
+            .and_then(|l| l.local_addr().ok());
+        // The HTTPS certificate, checked now (a bad file stops the start naming its key) and
+        // re-read on SIGHUP.
+        let client_cert = match &config.http.clientapi_https {
+            None => None,
+            Some(https) => {
+                Some(ReloadingCert::new(https).map_err(|e| StartError::Other(e.to_string()))?)
+            }
+        };
         let log_requests = config.general.log_level >= log::LevelFilter::Debug;
         let mut servers = Vec::new();
         {
@@ -586,13 +621,17 @@ impl Node {
                     .default_service(web::to(http::unknown_endpoint))
             });
             let workers = config.http.clientapi_workers;
-            servers.push(serve(
-                "client API",
-                server,
-                workers,
-                listeners.client,
-                None,
-            )?);
+            let mut client_listeners = Vec::new();
+            if let Some(listener) = listeners.client {
+                client_listeners.push((listener, None));
+            }
+            if let (Some(listener), Some(cert)) = (listeners.client_https, &client_cert) {
+                let tls = cert
+                    .server_config()
+                    .map_err(|e| StartError::Other(format!("[http] clientapi.https: {e}")))?;
+                client_listeners.push((listener, Some(tls)));
+            }
+            servers.push(serve("client API", server, workers, client_listeners)?);
         }
 
         let mut internal_addr = None;
@@ -612,7 +651,7 @@ impl Node {
                     .configure(http::internal_api)
                     .default_service(web::to(http::unknown_endpoint))
             });
-            servers.push(serve("internal API", server, 1, listener, None)?);
+            servers.push(serve("internal API", server, 1, vec![(listener, None)])?);
         }
 
         let mut replication_addr = None;
@@ -649,8 +688,7 @@ impl Node {
                 "replication listener",
                 server,
                 1,
-                listener,
-                Some(server_config),
+                vec![(listener, Some(server_config))],
             )?;
             servers.push(running);
         }
@@ -665,7 +703,7 @@ impl Node {
                     .configure(http::metrics::configure)
                     .default_service(web::to(http::unknown_endpoint))
             });
-            servers.push(serve("metrics", server, 1, listener, None)?);
+            servers.push(serve("metrics", server, 1, vec![(listener, None)])?);
         }
 
         let pidfile = config.general.pidfile_path.clone();
@@ -677,10 +715,16 @@ impl Node {
                 }
             })?;
         }
+        let client_urls: Vec<String> = client_addr
+            .map(|a| format!("http://{a}"))
+            .into_iter()
+            .chain(client_https_addr.map(|a| format!("https://{a}")))
+            .collect();
         log::info!(
-            "sydent-rs {} serving as {}: client API on http://{client_addr}{}",
+            "sydent-rs {} serving as {}: client API on {}{}",
             env!("CARGO_PKG_VERSION"),
             config.general.server_name,
+            client_urls.join(" and "),
             internal_addr
                 .map(|a| format!(", internal API on http://{a}"))
                 .unwrap_or_default()
@@ -696,6 +740,8 @@ impl Node {
         }
         Ok(Self {
             client_addr,
+            client_https_addr,
+            client_cert,
             internal_addr,
             replication_addr,
             servers,
@@ -728,6 +774,18 @@ impl Node {
     pub fn reload_peers(&self) {
         if let Some(registry) = &self.registry {
             registry.do_send(Rescan);
+        }
+    }
+
+    /// Re-reads the client API's HTTPS certificate and key (SIGHUP): new connections get the
+    /// new certificate, open ones keep theirs; files that do not load keep the one in force.
+    pub fn reload_certificate(&self) {
+        let Some(cert) = &self.client_cert else {
+            return;
+        };
+        match cert.reload() {
+            Ok(()) => log::info!("client API certificate reloaded"),
+            Err(e) => log::error!("{e}; the certificate in force stays"),
         }
     }
 
@@ -783,6 +841,9 @@ impl Node {
 /// answers 200 within 5 seconds.
 pub fn check_health(config: &Config) -> Result<(), String> {
     let http = &config.http;
+    let port = http
+        .clientapi_port
+        .ok_or("the health check asks the plain client API, and clientapi.http.port is empty")?;
     let host = http
         .clientapi_bind_address
         .trim_start_matches('[')
@@ -814,7 +875,7 @@ pub fn check_health(config: &Config) -> Result<(), String> {
         for ip in candidates {
             let url = format!(
                 "http://{}/_matrix/identity/api/v1",
-                SocketAddr::new(ip, http.clientapi_port)
+                SocketAddr::new(ip, port)
             );
             match client.get(&url).send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),

@@ -192,7 +192,11 @@ pub const KEYS: &[KeyDef] = &[
     ),
     // [http]
     key("http", "clientapi.http.bind_address", "::", "Client API address."),
-    key("http", "clientapi.http.port", "8090", "Client API port."),
+    key("http", "clientapi.http.port", "8090", "Client API port; empty: no plain HTTP (clientapi.https.port must then be set)."),
+    key("http", "clientapi.https.bind_address", "::", "sydent-rs: client API address for HTTPS."),
+    key("http", "clientapi.https.port", "", "sydent-rs: client API port for HTTPS (HTTP/1.1 and HTTP/2); empty: none."),
+    key("http", "clientapi.https.certfile", "", "sydent-rs: PEM certificate chain for HTTPS (and its key, unless keyfile is set); re-read on SIGHUP."),
+    key("http", "clientapi.https.keyfile", "", "sydent-rs: PEM private key for HTTPS, when it is not in certfile; re-read on SIGHUP."),
     key(
         "http",
         "clientapi.http.workers",

@@ -99,7 +99,10 @@ pub struct DbConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub clientapi_bind_address: String,
-    pub clientapi_port: u16,
+    /// `None`: no plain HTTP (HTTPS only).
+    pub clientapi_port: Option<u16>,
+    /// The client API over HTTPS, when `clientapi.https.port` is set.
+    pub clientapi_https: Option<ClientHttps>,
     /// 0: one per CPU core.
     pub clientapi_workers: usize,
     pub internalapi_bind_address: String,
@@ -116,6 +119,16 @@ pub struct HttpConfig {
     pub federation_verifycerts: bool,
     pub client_http_base: String,
     pub verify_response_template: Option<PathBuf>,
+}
+
+/// `clientapi.https.*`: the client API served over TLS by the node itself.
+#[derive(Debug, Clone)]
+pub struct ClientHttps {
+    pub bind_address: String,
+    pub port: u16,
+    pub certfile: PathBuf,
+    /// `None`: the key is in `certfile`.
+    pub keyfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -498,13 +511,40 @@ fn http(r: &Reader<'_>) -> Result<HttpConfig, ConfigError> {
     let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
         Ok(non_empty(r.string(S, key)?).map(PathBuf::from))
     };
-    let internalapi_port = match non_empty(r.string(S, "internalapi.http.port")?) {
-        None => None,
-        Some(_) => Some(r.port(S, "internalapi.http.port")?),
+    let optional_port = |key: &str| -> Result<Option<u16>, ConfigError> {
+        match non_empty(r.string(S, key)?) {
+            None => Ok(None),
+            Some(_) => r.port(S, key).map(Some),
+        }
     };
+    let internalapi_port = optional_port("internalapi.http.port")?;
+    let clientapi_port = optional_port("clientapi.http.port")?;
+    let clientapi_https = match optional_port("clientapi.https.port")? {
+        None => None,
+        Some(port) => Some(ClientHttps {
+            bind_address: address("clientapi.https.bind_address")?,
+            port,
+            certfile: path("clientapi.https.certfile")?.ok_or_else(|| {
+                ConfigError::invalid(
+                    S,
+                    "clientapi.https.certfile",
+                    "needed when clientapi.https.port is set",
+                )
+            })?,
+            keyfile: path("clientapi.https.keyfile")?,
+        }),
+    };
+    if clientapi_port.is_none() && clientapi_https.is_none() {
+        return Err(ConfigError::invalid(
+            S,
+            "clientapi.http.port",
+            "empty, and no clientapi.https.port either: the node would serve no client API",
+        ));
+    }
     Ok(HttpConfig {
         clientapi_bind_address: address("clientapi.http.bind_address")?,
-        clientapi_port: r.port(S, "clientapi.http.port")?,
+        clientapi_port,
+        clientapi_https,
         clientapi_workers: r.number::<usize>(S, "clientapi.http.workers")?,
         internalapi_bind_address: address("internalapi.http.bind_address")?,
         internalapi_port,

@@ -34,7 +34,7 @@ fn missing_file_is_written_with_defaults_env_and_a_key() {
         loaded.config.general.pidfile_path,
         Some(PathBuf::from("sydent.pid"))
     );
-    assert_eq!(loaded.config.http.clientapi_port, 8090);
+    assert_eq!(loaded.config.http.clientapi_port, Some(8090));
     assert_eq!(loaded.config.http.internalapi_port, None);
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let text = std::fs::read_to_string(&path).unwrap();

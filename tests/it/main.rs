@@ -10,6 +10,7 @@ mod directory;
 mod email;
 mod errors;
 pub mod homeserver;
+mod https;
 mod internal_bind;
 mod invites;
 mod ldap;

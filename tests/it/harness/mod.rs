@@ -59,8 +59,10 @@ pub struct TestNode {
     child: Option<Child>,
     /// Everything the node wrote to stderr so far.
     pub log: Arc<Mutex<String>>,
-    /// e.g. `http://127.0.0.1:41234`
+    /// e.g. `http://127.0.0.1:41234` (`https://…` when plain HTTP is off)
     pub client_url: String,
+    /// The client API over HTTPS, when `clientapi.https.port` is set.
+    pub client_https_url: Option<String>,
     pub internal_url: Option<String>,
     /// e.g. `127.0.0.1:41235`, when replication is on.
     pub replication_addr: Option<String>,
@@ -153,7 +155,7 @@ impl TestNode {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains("client API on http://") => {
+                Ok(line) if line.contains("client API on http") => {
                     // With replication on, its address follows on the next line.
                     let replication_on = std::fs::read_to_string(config_path)
                         .is_ok_and(|c| c.contains("replication.https.certfile = /"));
@@ -183,7 +185,16 @@ impl TestNode {
                         config_path: config_path.to_path_buf(),
                         child: Some(child),
                         log,
-                        client_url: url_after("client API on http://").expect("client url"),
+                        // The plain URL, or the HTTPS one when plain HTTP is off.
+                        client_url: line
+                            .split("client API on ")
+                            .nth(1)
+                            .and_then(|rest| rest.split([',', ' ']).next())
+                            .expect("client url")
+                            .to_string(),
+                        client_https_url: line.split("https://").nth(1).map(|rest| {
+                            format!("https://{}", rest.split([',', ' ']).next().unwrap_or(""))
+                        }),
                         internal_url: url_after("internal API on http://"),
                         replication_addr,
                     });
