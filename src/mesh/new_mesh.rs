@@ -60,7 +60,8 @@ pub struct Plan {
     pub nodes: Vec<String>,
     /// Several nodes on this host: loopback addresses in the certificates, node i (from 1)
     /// on ports 10090 + 1000·i (client), 10091 + 1000·i (internal), 10434 + 1000·i
-    /// (replication), host paths. Otherwise the container layout.
+    /// (replication), 10095 + 1000·i (metrics), host paths. Otherwise the container layout
+    /// (metrics on 9095).
     pub local: bool,
     /// Replace existing keys, certificates and configs.
     pub force: bool,
@@ -294,20 +295,22 @@ fn node_config(
             "127.0.0.1".to_string(),
             dir.display().to_string(),
             peers_dir.display().to_string(),
-            (10090 + base, 10091 + base, 10434 + base),
+            (10090 + base, 10091 + base, 10434 + base, 10095 + base),
         )
     } else {
         (
             "::".to_string(),
             CONTAINER_DATA_DIR.to_string(),
             CONTAINER_PEERS_DIR.to_string(),
-            (8090, 8091, 4434),
+            (8090, 8091, 4434, 9095),
         )
     };
     crate::config::text_with(&[
         ("general", "server.name", name.to_string()),
         ("general", "pidfile.path", format!("{data}/sydent.pid")),
         ("general", "peers.path", peers),
+        ("general", "prometheus_port", ports.3.to_string()),
+        ("general", "prometheus_addr", address.clone()),
         ("db", "db.file", format!("{data}/sydent.db")),
         ("http", "clientapi.http.bind_address", address.clone()),
         ("http", "clientapi.http.port", ports.0.to_string()),
