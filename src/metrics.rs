@@ -10,7 +10,9 @@
 //! per method, its endpoint group's latency histogram) is made at start and kept in an
 //! immutable table; counting is an atomic add. Histograms are [`AtomicHistogram`]s (the
 //! crate's own takes a mutex on every observation). What lives elsewhere (the lookup index's
-//! size, each peer's push queue, the upstream's counters) is read when Prometheus scrapes.
+//! size, each peer's push queue, the upstream's counters) is read when Prometheus scrapes,
+//! by the collector in `http/metrics.rs` (it reads the actors' shared state; this module
+//! stays below them, so the actors can count into it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +27,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-
-use crate::actors::pusher::PushStatus;
 
 /// Request latency buckets (seconds): lookups answer in tens of microseconds, a validation
 /// mail takes a round trip to the SMTP server.
@@ -532,149 +532,5 @@ mod tests {
         ] {
             assert!(out.contains(line), "{line} in {out}");
         }
-    }
-}
-
-/// What a scrape reads from the rest of the node: the lookup index's size, each peer's push
-/// queue and what it pushed to us, the upstream's counters.
-pub struct NodeSources {
-    pub index: crate::lookup_index::SharedIndex,
-    pub peers: Option<crate::actors::peers::ActivePeers>,
-    pub upstream: Option<Arc<crate::upstream::Upstream>>,
-}
-
-impl std::fmt::Debug for NodeSources {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeSources")
-    }
-}
-
-/// One value per peer, from its push status and what it pushed to us.
-fn per_peer<T>(
-    peers: &[(PeerLabels, PushStatus, u64)],
-    f: &dyn Fn(&PushStatus, u64) -> T,
-) -> Vec<(PeerLabels, T)> {
-    peers
-        .iter()
-        .map(|(labels, status, received)| (labels.clone(), f(status, *received)))
-        .collect()
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OriginLabels {
-    origin: &'static str,
-}
-
-impl prometheus_client::collector::Collector for NodeSources {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some((local, replicated)) = self.index.read(|index| index.binding_counts()) {
-            encode_gauges(
-                &mut encoder,
-                "sydent_rs_bindings",
-                "Bindings in the lookup index, made here (local) or received (replicated)",
-                [
-                    (OriginLabels { origin: "local" }, local as f64),
-                    (
-                        OriginLabels {
-                            origin: "replicated",
-                        },
-                        replicated as f64,
-                    ),
-                ],
-            )?;
-        }
-        if let Some(peers) = &self.peers {
-            let now = crate::now_ms();
-            let peers: Vec<(PeerLabels, PushStatus, u64)> = peers
-                .all()
-                .into_iter()
-                .map(|active| {
-                    let status = active
-                        .status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
-                    let received = active.inbound.received.load(Ordering::Relaxed);
-                    let labels = PeerLabels {
-                        peer: active.peer.server_name.to_string(),
-                    };
-                    (labels, status, received)
-                })
-                .collect();
-            let each = |f: &dyn Fn(&PushStatus, u64) -> f64| per_peer(&peers, f);
-            encode_gauges(
-                &mut encoder,
-                "sydent_rs_peer_backlog",
-                "Local associations not yet acknowledged by the peer",
-                each(&|s, _| s.backlog as f64),
-            )?;
-            encode_gauges(
-                &mut encoder,
-                "sydent_rs_peer_cursor",
-                "The last local association id the peer acknowledged",
-                each(&|s, _| s.cursor as f64),
-            )?;
-            encode_gauges(
-                &mut encoder,
-                "sydent_rs_peer_seconds_since_success",
-                "Seconds since the last push the peer acknowledged (-1: none yet)",
-                each(&|s, _| {
-                    s.last_success_ts
-                        .map_or(-1.0, |ts| (now - ts).max(0) as f64 / 1000.0)
-                }),
-            )?;
-            let counts = |f: &dyn Fn(&PushStatus, u64) -> u64| per_peer(&peers, f);
-            encode_counters(
-                &mut encoder,
-                "sydent_rs_peer_pushed",
-                "Associations pushed to the peer and acknowledged",
-                counts(&|s, _| s.pushed),
-            )?;
-            encode_counters(
-                &mut encoder,
-                "sydent_rs_peer_push_errors",
-                "Pushes to the peer that failed",
-                counts(&|s, _| s.errors),
-            )?;
-            encode_counters(
-                &mut encoder,
-                "sydent_rs_peer_received",
-                "Associations the peer pushed to us and we accepted",
-                counts(&|_, received| received),
-            )?;
-        }
-        if let Some(upstream) = &self.upstream {
-            let status = upstream.status();
-            for (name, help, value) in [
-                (
-                    "sydent_rs_upstream_requests",
-                    "Lookups forwarded to the upstream",
-                    status.requests,
-                ),
-                (
-                    "sydent_rs_upstream_failures",
-                    "Forwarded lookups the upstream did not answer",
-                    status.failures,
-                ),
-                (
-                    "sydent_rs_upstream_threepids_forwarded",
-                    "3PIDs forwarded to the upstream",
-                    status.threepids_forwarded,
-                ),
-                (
-                    "sydent_rs_upstream_threepids_answered",
-                    "3PIDs the upstream answered",
-                    status.threepids_answered,
-                ),
-            ] {
-                encode_counters(
-                    &mut encoder,
-                    name,
-                    help,
-                    [(Vec::<(String, String)>::new(), value)],
-                )?;
-            }
-        }
-        Ok(())
     }
 }
