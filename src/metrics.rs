@@ -297,16 +297,16 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("/_matrix/identity/v2/terms", "TermsServlet", "account"),
     (
         "/_matrix/identity/internal/bind",
-        "InternalBindServlet",
+        "AuthenticatedBindThreePidServlet",
         "internal",
     ),
     (
         "/_matrix/identity/internal/unbind",
-        "InternalUnbindServlet",
+        "AuthenticatedUnbindThreePidServlet",
         "internal",
     ),
     (
-        "/_matrix/identity/replication/v1/push",
+        "/_matrix/identity/replicate/v1/push",
         "ReplicationPushServlet",
         "replication",
     ),

@@ -138,6 +138,18 @@ async fn mesh_metrics_count_requests_bindings_and_a_stopped_peers_backlog() {
         Some(1.0)
     );
     assert_eq!(value(&samples, "sydent_emails_sent_total", &[]), Some(0.0));
+    let internal_binds = [
+        ("servlet", "AuthenticatedBindThreePidServlet"),
+        ("method", "POST"),
+    ];
+    assert_eq!(
+        value(
+            &samples,
+            "sydent_http_received_requests_total",
+            &internal_binds
+        ),
+        Some(3.0)
+    );
     // Ours: latency per group, bindings, binds.
     let group = [("group", "lookup")];
     assert_eq!(
@@ -176,6 +188,11 @@ async fn mesh_metrics_count_requests_bindings_and_a_stopped_peers_backlog() {
         Some(3.0)
     );
     let on_b = scrape(mesh.nodes[B].node()).await;
+    let pushes = [("servlet", "ReplicationPushServlet"), ("method", "POST")];
+    assert!(
+        value(&on_b, "sydent_http_received_requests_total", &pushes).unwrap_or(0.0) >= 1.0,
+        "{on_b:#?}"
+    );
     assert_eq!(
         value(&on_b, "sydent_rs_bindings", &[("origin", "replicated")]),
         Some(3.0)
