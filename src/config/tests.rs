@@ -228,6 +228,10 @@ fn invalid_values_name_the_key() {
             "[proxy]\nidentity = https://vector.im\nprecedence = random\n",
             "[proxy] precedence:",
         ),
+        ("[proxy]\nidentity = https://vector.im\ntimeout = 0\n", "[proxy] timeout:"),
+        ("[http]\nclientapi.http.port =\n", "[http] clientapi.http.port:"),
+        ("[http]\nclientapi.https.port = 8443\n", "[http] clientapi.https.certfile:"),
+        ("[http]\nclientapi.https.port = https\n", "[http] clientapi.https.port:"),
     ];
     for (body, expected) in cases {
         let text = with_key(&format!("[general]\nserver.name = x.example\n{body}"));
@@ -341,6 +345,7 @@ fn the_forks_ldap_section_and_a_proxy_load() {
     assert_eq!(proxy.identity.as_str(), "https://vector.im/");
     assert_eq!(proxy.precedence, Precedence::LocalFirst);
     assert_eq!(proxy.access_token, None);
+    assert_eq!(proxy.timeout, std::time::Duration::from_secs(3));
 
     // Without uri or identity both are off, whatever else the sections hold.
     let (loaded, _dir) = load_text(&with_key(
