@@ -125,10 +125,10 @@ impl Resolver {
         }
         let rest = missing(&asked, &answers);
         if !rest.is_empty() {
+            let mxids = self.local(rest.clone()).await?;
             let local: HashMap<Key, String> = rest
-                .iter()
-                .cloned()
-                .zip(self.local(rest.clone()).await?)
+                .into_iter()
+                .zip(mxids)
                 .filter_map(|(key, mxid)| Some((key, mxid?)))
                 .collect();
             fill(&asked, &mut answers, &local);

@@ -41,6 +41,22 @@ fn people() -> String {
     .concat()
 }
 
+/// A slapd in `dir` holding [`people`], and a node in `dir/node` mirroring it (hourly).
+fn directory_and_node(dir: &std::path::Path) -> (Slapd, TestNode) {
+    let _ = client();
+    let slapd = Slapd::start(dir);
+    slapd.add(&people());
+    let node_dir = dir.join("node");
+    std::fs::create_dir(&node_dir).unwrap();
+    let config = format!(
+        "{}{}",
+        base_config(&node_dir, "id.test"),
+        ldap_section(&slapd, ADMIN_PW, "3600")
+    );
+    let node = TestNode::start_with_config(&node_dir, &config);
+    (slapd, node)
+}
+
 async fn status(node: &TestNode) -> Value {
     get_json(&format!(
         "{}/_matrix/identity/internal/directory",
@@ -166,18 +182,8 @@ async fn the_directory_is_mirrored_as_this_nodes_bindings() {
 
 #[tokio::test]
 async fn a_directory_that_fails_changes_nothing() {
-    let _ = client();
     let dir = tempfile::tempdir().unwrap();
-    let mut slapd = Slapd::start(dir.path());
-    slapd.add(&people());
-    let node_dir = dir.path().join("node");
-    std::fs::create_dir(&node_dir).unwrap();
-    let config = format!(
-        "{}{}",
-        base_config(&node_dir, "id.test"),
-        ldap_section(&slapd, ADMIN_PW, "3600")
-    );
-    let mut node = TestNode::start_with_config(&node_dir, &config);
+    let (mut slapd, mut node) = directory_and_node(dir.path());
     let first = wait_status(&node, "first sync", |s| s["last_sync_ts"].is_i64()).await;
     // Alice's email and phone, Bob's email.
     assert_eq!(first["entries"], 3, "{first}");
@@ -196,13 +202,11 @@ async fn a_directory_that_fails_changes_nothing() {
     // A wrong password: said clearly at start, and nothing removed either.
     assert!(node.stop().success());
     slapd.restart();
-    let config = std::fs::read_to_string(node_dir.join("sydent.conf"))
-        .unwrap()
-        .replace(
-            &format!("bind_pw = {ADMIN_PW}"),
-            "bind_pw = not-the-password",
-        );
-    node = TestNode::start_with_config(&node_dir, &config);
+    let config = std::fs::read_to_string(&node.config_path).unwrap().replace(
+        &format!("bind_pw = {ADMIN_PW}"),
+        "bind_pw = not-the-password",
+    );
+    node = TestNode::start_with_config(&node.dir.clone(), &config);
     let refused = wait_status(&node, "refused bind", |s| s["last_error"].is_string()).await;
     let error = refused["last_error"].as_str().unwrap();
     assert!(error.to_lowercase().contains("bind"), "{error}");
@@ -252,18 +256,8 @@ async fn mesh_the_directory_reaches_the_peers_and_so_do_its_removals() {
 /// search; the directory down costs a lookup at most the timeout, never an error.
 #[tokio::test]
 async fn live_look_through_finds_new_people_at_once() {
-    let _ = client();
     let dir = tempfile::tempdir().unwrap();
-    let mut slapd = Slapd::start(dir.path());
-    slapd.add(&people());
-    let node_dir = dir.path().join("node");
-    std::fs::create_dir(&node_dir).unwrap();
-    let config = format!(
-        "{}{}",
-        base_config(&node_dir, "id.test"),
-        ldap_section(&slapd, ADMIN_PW, "3600")
-    );
-    let node = TestNode::start_with_config(&node_dir, &config);
+    let (mut slapd, node) = directory_and_node(dir.path());
     wait_status(&node, "first sync", |s| s["last_sync_ts"].is_i64()).await;
 
     slapd.add(&person("Dan", &["uid: dan", "mail: Dan@Example.org"]));
