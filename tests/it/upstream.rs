@@ -312,6 +312,19 @@ async fn local_first_and_an_upstream_asked_only_by_hash() {
     assert_eq!(status["requests"], 4, "{status}");
     assert_eq!(status["threepids_forwarded"], 5, "{status}");
     assert_eq!(status["threepids_answered"], 3, "{status}");
+    // The upstream logs a request once it has answered it, and the harness reads its stderr
+    // on a thread of its own: wait for the eight lines (hash_details, four v2 lookups, three
+    // v1 lookups) before counting them.
+    let forwarded = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("\"GET /_matrix") || l.contains("\"POST /_matrix"))
+            .filter(|l| !l.contains("/internal/") && !l.contains("/account/register"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while forwarded(&upstream.log_text()) < 8 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let log = upstream.log_text();
     let requests: Vec<&str> = log
         .lines()
