@@ -14,6 +14,10 @@
 //!   PARTS=paced,burst NODES=20 cargo bench --bench mesh
 //!   BACKLOG=20000 ROUNDS=1 BINDS=2000 RATE=50 IN_FLIGHT=16 …   (the other knobs)
 //!
+//! - `rebuild`: three nodes; A takes `REBUILD` binds (100,000), its database is deleted and
+//!   `rebuild-from-peers` restores it from B and C, three times: associations restored per
+//!   second over the command's whole run (process start, TLS, reading, verifying, writing).
+//!
 //! It reuses the integration tests' harness: real binaries, a CA made with rcgen, peers.d.
 
 #[path = "../tests/it/harness/mod.rs"]
@@ -52,7 +56,8 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let parts = std::env::var("PARTS").unwrap_or_else(|_| "single,backlog,paced,burst".into());
+    let parts =
+        std::env::var("PARTS").unwrap_or_else(|_| "single,backlog,paced,burst,rebuild".into());
     let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
     if parts.contains(&"single") || parts.contains(&"backlog") {
         let mut mesh = Mesh::start(&["a.bench", "b.bench", "c.bench"]).await;
@@ -62,6 +67,9 @@ async fn main() {
         if parts.contains(&"backlog") {
             backlog_catch_up(&mut mesh).await;
         }
+    }
+    if parts.contains(&"rebuild") {
+        rebuild_from_peers().await;
     }
     let mut arrivals = Vec::new();
     if parts.contains(&"paced") {
@@ -137,6 +145,66 @@ async fn backlog_catch_up(mesh: &mut Mesh) {
         took.as_secs_f64(),
         backlog as f64 / took.as_secs_f64()
     );
+}
+
+/// A's database rebuilt from B and C after `REBUILD` binds on A, three times.
+async fn rebuild_from_peers() {
+    let count: usize = env_or("REBUILD", 100_000);
+    let mut mesh = Mesh::start(&["a.bench", "b.bench", "c.bench"]).await;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(64) {
+        join_all(chunk.iter().map(|n| {
+            let address = format!("r{n}@example.com");
+            let mxid = format!("@r{n}:a.bench");
+            let mesh = &mesh;
+            async move { mesh.bind(A, &address, &mxid).await }
+        }))
+        .await;
+    }
+    wait_caught_up(&mesh, "b.bench").await;
+    wait_caught_up(&mesh, "c.bench").await;
+    mesh.nodes[A].node.take().unwrap().kill();
+    let config = mesh.nodes[A].config_path();
+    let mut rates = Vec::new();
+    for round in 1..=3 {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = mesh.nodes[A].db().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+        let start = Instant::now();
+        // GNU time reports the command's peak memory (its last line of stderr).
+        let output = std::process::Command::new("/usr/bin/time")
+            .args(["-f", "%M", harness::BINARY, "--config"])
+            .arg(&config)
+            .arg("rebuild-from-peers")
+            .output()
+            .expect("/usr/bin/time runs");
+        let took = start.elapsed().as_secs_f64();
+        let (out, err) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        assert!(output.status.success(), "{out}{err}");
+        let peak_kb: f64 = err.lines().last().unwrap().trim().parse().unwrap();
+        assert!(
+            out.contains(&format!("restored {count} of this node's bindings")),
+            "{out}"
+        );
+        println!(
+            "rebuild round {round}: {count} associations in {took:.2} s: {:.0} associations/s (whole command), peak RSS {:.0} MB; it said: {}",
+            count as f64 / took,
+            peak_kb / 1024.0,
+            out.lines().rfind(|l| l.starts_with("restored")).unwrap_or_default()
+        );
+        rates.push(count as f64 / took);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "rebuild-from-peers of {count} associations: median {:.0} associations/s",
+        rates[1]
+    );
+    mesh.restart(A);
+    assert!(mesh.lookup(A, "r0@example.com").await.is_some());
 }
 
 /// Polls A's status page until `peer`'s cursor reaches A's newest local id.

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod node;
 pub mod phone;
 pub mod ratelimit;
+pub mod rebuild;
 pub mod resolve;
 pub mod sms;
 pub mod templates;

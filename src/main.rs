@@ -44,6 +44,11 @@ enum Command {
         /// The peer's server name, as on the status page.
         server_name: String,
     },
+    /// Rebuild this node's database from its replication peers, after it was lost: run it on
+    /// an empty database (a new db.file), with the node stopped and the same signing key. It
+    /// restores this node's bindings with their original ids (each verified with its own key),
+    /// the peers' bindings, and where each peer's pushes resume; then start the node.
+    RebuildFromPeers,
     /// Make a mesh: the mesh CA, and per node a certificate, a sydent.conf with a new signing
     /// key, and its file in the shared peers.d. Existing keys are kept (unless --force), so
     /// running it again with one more name adds a node.
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
         }
         Some(Command::PeerFile { url }) => peer_file(cli.config, &url),
         Some(Command::ForgetOrigin { server_name }) => forget_origin(cli.config, &server_name),
+        Some(Command::RebuildFromPeers) => rebuild_from_peers(cli.config),
         Some(Command::NewMesh {
             nodes,
             local,
@@ -166,19 +172,27 @@ fn new_mesh(plan: sydent_rs::mesh::new_mesh::Plan) -> ExitCode {
     }
 }
 
-fn healthcheck(config_path_arg: Option<PathBuf>) -> ExitCode {
+/// The config at the given path, which must exist: loading a missing one would write one with
+/// a new signing key. `missing` says why it matters, after the path.
+fn load_existing(config_path_arg: Option<PathBuf>, missing: &str) -> Result<Config, ExitCode> {
     let env = |name: &str| std::env::var(name).ok();
     let path = config_path(config_path_arg);
-    // Loading a missing config would write one with a new key, racing the node's first start.
     if !path.exists() {
-        return fail(format!(
-            "unhealthy: {} does not exist yet (the node writes it on its first start)",
-            path.display()
-        ));
+        return Err(fail(format!("{} does not exist{missing}", path.display())));
     }
-    let config = match Config::load(&path, &env) {
-        Ok(loaded) => loaded.config,
-        Err(e) => return fail(e),
+    Config::load(&path, &env)
+        .map(|loaded| loaded.config)
+        .map_err(fail)
+}
+
+fn healthcheck(config_path_arg: Option<PathBuf>) -> ExitCode {
+    // A new config would race the node's first start.
+    let config = match load_existing(
+        config_path_arg,
+        " yet (unhealthy: the node writes it on its first start)",
+    ) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     match sydent_rs::node::check_health(&config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -193,18 +207,10 @@ fn forget_origin(config_path_arg: Option<PathBuf>, origin: &str) -> ExitCode {
         Err(e) => return fail(e),
     };
     // The running node keeps the bindings in memory: it must not be running.
-    if let Some(pid) = config
-        .general
-        .pidfile_path
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| text.trim().parse::<u32>().ok())
-    {
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return fail(format!(
-                "the node is running (pid {pid}): stop it first, then run forget-origin again"
-            ));
-        }
+    if let Some(pid) = running_pid(&config) {
+        return fail(format!(
+            "the node is running (pid {pid}): stop it first, then run forget-origin again"
+        ));
     }
     if config.general.server_name == origin {
         return fail(format!("{origin} is this node's own name"));
@@ -222,6 +228,50 @@ fn forget_origin(config_path_arg: Option<PathBuf>, origin: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
+    }
+}
+
+/// The pid of the node of `config` if it is running (by its pidfile).
+fn running_pid(config: &Config) -> Option<u32> {
+    config
+        .general
+        .pidfile_path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+}
+
+fn rebuild_from_peers(config_path_arg: Option<PathBuf>) -> ExitCode {
+    // A new signing key would verify nothing of the old node's.
+    let config = match load_existing(
+        config_path_arg,
+        ": a rebuilt node needs its old config (its signing key)",
+    ) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Some(pid) = running_pid(&config) {
+        return fail(format!(
+            "the node is running (pid {pid}): stop it, then run rebuild-from-peers"
+        ));
+    }
+    sydent_rs::mesh::tls::install_default_provider();
+    let system = actix_web::rt::System::new();
+    match system.block_on(sydent_rs::rebuild::rebuild(&config)) {
+        Ok(outcome) => {
+            for warning in &outcome.warnings {
+                eprintln!("warning: {warning}");
+            }
+            for line in &outcome.lines {
+                println!("{line}");
+            }
+            println!("done: start the node");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!(
+            "rebuild-from-peers: {e} (the database is unchanged)"
+        )),
     }
 }
 

@@ -667,6 +667,7 @@ impl Node {
                 now_ms: crate::now_ms,
                 own_name: config.general.server_name.clone(),
                 signing_key: config.crypto.signing_key.clone(),
+                db_file: config.db.db_file.clone(),
             });
             let server_config = tls
                 .server_config()

@@ -112,22 +112,7 @@ pub struct Unbind {
     pub mxid: Mxid,
 }
 
-/// One association a replication peer pushed, already verified against the peer's key.
-#[derive(Debug, Clone)]
-pub struct Replicated {
-    /// The peer's local id for it (`originId`).
-    pub origin_id: i64,
-    pub medium: String,
-    /// Casefolded if an email.
-    pub address: String,
-    /// `None`: a tombstone.
-    pub mxid: Option<String>,
-    pub ts: i64,
-    pub not_before: i64,
-    pub not_after: i64,
-    /// The signed association as received.
-    pub sg_assoc: String,
-}
+pub use crate::mesh::verify::Replicated;
 
 /// Sent by the replication receiver: apply a verified batch from `origin`, all or nothing.
 /// Rows at or below the origin's mark (the highest id applied from it) are re-sends or late

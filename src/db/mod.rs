@@ -10,6 +10,7 @@ pub mod directory;
 pub mod invites;
 mod open;
 pub mod queries;
+pub mod rebuild;
 pub mod schema;
 pub mod sessions;
 

@@ -7,24 +7,32 @@
 //! value as the internal API would (on a blocking thread when the push is large: it is CPU
 //! work), refuses rows from too far in the future, and hands the whole batch to the
 //! association store, which applies it all or nothing.
+//!
+//! `GET /_matrix/identity/replicate/v1/associations` on the same listener answers a peer
+//! rebuilding its database (`crate::rebuild`) with what this node holds of an origin.
 
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix_web::dev::Extensions;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Map};
 
 use super::error::ApiError;
+use super::extract::Args;
 use super::{resource, AppState};
 use crate::actors::peers::{ActivePeer, ActivePeers, Refusal};
-use crate::actors::store::{ApplyReplicated, Replicated, StoreQueue};
-use crate::crypto::{sign_json, verify_json_batch, NodeSigningKey};
-use crate::mesh::peers::{Peer, PUSH_PATH};
+use crate::actors::store::{ApplyReplicated, StoreQueue};
+use crate::crypto::NodeSigningKey;
+use crate::db::rebuild::Held;
+use crate::mesh::peers::{HELD_PATH, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
-use crate::mesh::wire::{PushAccepted, PushBody};
-use crate::types::{Mxid, ServerName, Threepid};
+use crate::mesh::verify::{verify_batch, Refused, Rules};
+use crate::mesh::wire::{HeldMark, HeldPage, PushAccepted};
+use crate::types::ServerName;
 
 /// Largest push body read. Our batches of 1,000 are ~350 KB (~800 KB with the longest
 /// addresses and Matrix IDs); Sydent's are 100 associations. Nothing a peer really sends
@@ -72,10 +80,13 @@ pub struct ReplicationState {
     /// This node's name and key: received bindings are countersigned once, on arrival.
     pub own_name: ServerName,
     pub signing_key: NodeSigningKey,
+    /// The database, read (on a connection of its own) when a peer is rebuilt from us.
+    pub db_file: String,
 }
 
 pub fn configure_receiver(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource(&format!("/{PUSH_PATH}")).route(web::post().to(push)));
+    cfg.service(resource(&format!("/{PUSH_PATH}")).route(web::post().to(push)))
+        .service(resource(&format!("/{HELD_PATH}")).route(web::get().to(held)));
 }
 
 pub fn configure_status(cfg: &mut web::ServiceConfig) {
@@ -169,20 +180,22 @@ async fn receive(
     body: web::Bytes,
 ) -> Result<usize, ApiError> {
     let origin = peer.peer.server_name.clone();
-    let checked_peer = peer.peer.clone();
+    let key = peer.peer.verify_key;
     let rules = Rules {
         not_after: (state.now_ms)().saturating_add(state.max_clock_skew_ms),
         skew_secs: state.max_clock_skew_ms / 1000,
-        own_name: state.own_name.clone(),
-        signing_key: state.signing_key.clone(),
+        only_origin_signatures: false,
+        countersign: Some((state.own_name.clone(), state.signing_key.clone())),
     };
     let items = if body.len() <= INLINE_VERIFY_BYTES {
-        verify_batch(&checked_peer, &body, &rules)
+        verify_batch(&origin, &key, &body, &rules)
     } else {
-        web::block(move || verify_batch(&checked_peer, &body, &rules))
+        let origin = origin.clone();
+        web::block(move || verify_batch(&origin, &key, &body, &rules))
             .await
             .map_err(|e| ApiError::Internal(format!("verification thread: {e}")))?
     }
+    .map_err(refusal)
     .inspect_err(|e| log::warn!("replication: refused a push from {origin}: {e}"))?;
     let count = items.len();
     if count > 0 {
@@ -199,159 +212,99 @@ async fn receive(
     Ok(count)
 }
 
-/// What a push is checked against besides the peer's key, and how it is countersigned.
-struct Rules {
-    /// Associations whose `ts` is after this are refused (the peer retries them once they are
-    /// no longer in the future).
-    not_after: i64,
-    skew_secs: i64,
-    own_name: ServerName,
-    signing_key: NodeSigningKey,
-}
+/// Rows a page of [`held`] answers unless asked for fewer (~2 MB).
+pub const HELD_PAGE_ROWS: usize = 5_000;
+/// The most rows a page of [`held`] answers.
+pub const HELD_MAX_ROWS: usize = 10_000;
 
-/// Parses and verifies a push body from `peer`: every association, countersigned by this node
-/// (once, here, rather than on every lookup), or an error naming the ones that failed. Sorted
-/// by origin id.
-fn verify_batch(peer: &Peer, body: &[u8], rules: &Rules) -> Result<Vec<Replicated>, ApiError> {
-    let body: PushBody = serde_json::from_slice(body).map_err(|e| {
-        ApiError::BadJson(format!("Not a push body ({{\"sgAssocs\": {{…}}}}): {e}"))
-    })?;
-    let assocs = &body.sg_assocs;
-    // Fields first, then every signature in one batch.
-    type Parsed<'a> = (&'a String, Option<(&'a Map<String, Value>, Fields)>);
-    let parsed: Vec<Parsed> = assocs
-        .iter()
-        .map(|(id, assoc)| (id, parse_one(id, assoc)))
-        .collect();
-    let objects: Vec<&Map<String, Value>> = parsed
-        .iter()
-        .filter_map(|(_, p)| p.as_ref().map(|(o, _)| *o))
-        .collect();
-    let mut verified = verify_json_batch(&objects, &peer.server_name, &peer.verify_key).into_iter();
-    let mut checked = Vec::with_capacity(assocs.len());
-    let mut failed = Vec::new();
-    for (id, item) in parsed {
-        match item {
-            Some((object, fields)) if verified.next() == Some(true) => {
-                checked.push((id, object, fields))
-            }
-            _ => failed.push(id.clone()),
+/// GET /_matrix/identity/replicate/v1/associations?origin=&after=&limit= (replication
+/// listener only; sydent-rs's own)
+///
+/// What this node holds of `origin`'s bindings (default: the calling peer's), for a peer
+/// rebuilding its database from the mesh: `{"origin", "mark": {"origin_id", "ts"} | null,
+/// "sgAssocs": {"<originId>": <signed association>, …}, "next_after": <id> | null}`, the
+/// bindings after origin id `after` (default 0), at most `limit` (default
+/// [`HELD_PAGE_ROWS`], at most [`HELD_MAX_ROWS`]; 0: only the mark) in id order. `mark` is
+/// how far the origin has reached this node (for this node itself, its newest local id);
+/// `next_after` is the `after` of the next page, `null` on the last. Only an active peer
+/// (by its client certificate) may ask: 403 `M_UNKNOWN_PEER` otherwise. Everything it can
+/// read it was, or will be, pushed anyway.
+async fn held(
+    req: HttpRequest,
+    state: web::Data<ReplicationState>,
+    args: Args,
+) -> Result<HttpResponse, ApiError> {
+    let peer = pushing_peer(&req, &state.peers)?;
+    let int_arg = |name: &str, default: i64| -> Result<i64, ApiError> {
+        match args.0.get(name) {
+            None => Ok(default),
+            Some(value) => value
+                .as_str()
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or_else(|| ApiError::InvalidParam(format!("'{name}' must be an integer"))),
         }
+    };
+    let origin = match args.0.get("origin") {
+        None => peer.peer.server_name.clone(),
+        Some(value) => value
+            .as_str()
+            .and_then(|v| ServerName::parse(v).ok())
+            .ok_or_else(|| ApiError::InvalidParam("'origin' must be a server name".into()))?,
+    };
+    let after = int_arg("after", 0)?;
+    let limit = int_arg("limit", HELD_PAGE_ROWS as i64)?;
+    let limit = usize::try_from(limit)
+        .ok()
+        .filter(|l| *l <= HELD_MAX_ROWS)
+        .ok_or_else(|| {
+            ApiError::InvalidParam(format!("'limit' must be between 0 and {HELD_MAX_ROWS}"))
+        })?;
+    let (db_file, own_name) = (state.db_file.clone(), state.own_name.clone());
+    let name = origin.clone();
+    let held = web::block(move || -> Result<Held, String> {
+        let mut conn = crate::db::connect(&db_file).map_err(|e| e.to_string())?;
+        crate::db::rebuild::held(&mut conn, &own_name, &name, after, limit)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("database thread: {e}")))?
+    .map_err(ApiError::Internal)?;
+    log::info!(
+        "replication: {} read {} of {origin}'s bindings after {after} from us",
+        peer.peer.server_name,
+        held.rows.len()
+    );
+    let next_after = (limit > 0 && held.rows.len() == limit)
+        .then(|| held.rows.last().map(|(id, _)| *id))
+        .flatten();
+    let mut sg_assocs = BTreeMap::new();
+    for (id, text) in held.rows {
+        let raw = RawValue::from_string(text)
+            .map_err(|e| ApiError::Internal(format!("a stored association: {e}")))?;
+        sg_assocs.insert(id.to_string(), raw);
     }
-    let sort_ids =
-        |ids: &mut Vec<String>| ids.sort_by_key(|id| id.parse::<i64>().unwrap_or(i64::MAX));
-    if !failed.is_empty() {
-        sort_ids(&mut failed);
-        log::warn!(
-            "replication: rejected a batch of {} from {}: {} failed verification",
-            assocs.len(),
-            peer.server_name,
-            failed.len()
-        );
-        return Err(ApiError::VerificationFailed(failed));
-    }
-    // Signed by the peer, but values this node would not accept from its own clients.
-    let (mut items, mut invalid, mut future) =
-        (Vec::with_capacity(checked.len()), Vec::new(), Vec::new());
-    for (id, object, fields) in checked {
-        match fields.validate() {
-            Err(_) => invalid.push(id.clone()),
-            Ok(item) if item.ts > rules.not_after => future.push(id.clone()),
-            Ok(item) if item.mxid.is_none() => items.push(item),
-            Ok(item) => {
-                let mut object = object.clone();
-                sign_json(&mut object, &rules.own_name, &rules.signing_key)
-                    .map_err(|e| ApiError::Internal(format!("cannot countersign: {e}")))?;
-                items.push(Replicated {
-                    sg_assoc: Value::Object(object).to_string(),
-                    ..item
-                });
-            }
+    Ok(HttpResponse::Ok().json(HeldPage {
+        origin: origin.to_string(),
+        mark: held.mark.map(|m| HeldMark {
+            origin_id: m.origin_id,
+            ts: m.ts,
+        }),
+        sg_assocs,
+        next_after,
+    }))
+}
+
+/// A refused batch as the pusher sees it.
+fn refusal(refused: Refused) -> ApiError {
+    let message = refused.to_string();
+    match refused {
+        Refused::BadJson(e) => ApiError::BadJson(e),
+        Refused::VerificationFailed(ids) => ApiError::VerificationFailed(ids),
+        Refused::Invalid(ids) | Refused::Future { ids, .. } => {
+            ApiError::InvalidAssociations(message, ids)
         }
+        Refused::Sign(_) => ApiError::Internal(message),
     }
-    if !invalid.is_empty() {
-        sort_ids(&mut invalid);
-        return Err(ApiError::InvalidAssociations(
-            "One or more associations hold an invalid medium, address or Matrix ID".into(),
-            invalid,
-        ));
-    }
-    if !future.is_empty() {
-        sort_ids(&mut future);
-        return Err(ApiError::InvalidAssociations(
-            format!(
-                "The ts of one or more associations is more than {} s ahead of this \
-                 server's clock (check the clocks; they are accepted once they are not)",
-                rules.skew_secs
-            ),
-            future,
-        ));
-    }
-    items.sort_by_key(|item| item.origin_id);
-    Ok(items)
-}
-
-/// An association's fields as pushed, before their values are checked.
-struct Fields {
-    origin_id: i64,
-    medium: String,
-    address: String,
-    mxid: Option<String>,
-    ts: i64,
-    not_before: i64,
-    not_after: i64,
-    sg_assoc: String,
-}
-
-impl Fields {
-    /// Checks the 3PID and Matrix ID as the internal API does, normalising the address.
-    fn validate(self) -> Result<Replicated, crate::types::InvalidValue> {
-        let threepid = Threepid::parse(&self.medium, &self.address)?;
-        if let Some(mxid) = &self.mxid {
-            Mxid::parse(mxid)?;
-        }
-        Ok(Replicated {
-            origin_id: self.origin_id,
-            medium: self.medium,
-            address: threepid.address,
-            mxid: self.mxid,
-            ts: self.ts,
-            not_before: self.not_before,
-            not_after: self.not_after,
-            sg_assoc: self.sg_assoc,
-        })
-    }
-}
-
-/// An association's fields, present and of the right types (their values and the signature
-/// are checked by the caller).
-fn parse_one<'a>(id: &str, assoc: &'a Value) -> Option<(&'a Map<String, Value>, Fields)> {
-    let origin_id: i64 = id.parse().ok()?;
-    let object: &Map<String, Value> = assoc.as_object()?;
-    let medium = object.get("medium")?.as_str()?.to_string();
-    let address = object.get("address")?.as_str()?.to_string();
-    let int = |key: &str| object.get(key).and_then(Value::as_i64);
-    let mxid = match object.get("mxid")? {
-        Value::Null => None,
-        Value::String(mxid) => Some(mxid.clone()),
-        _ => return None,
-    };
-    let ts = int("ts")?;
-    let (not_before, not_after) = match mxid {
-        Some(_) => (int("not_before")?, int("not_after")?),
-        None => (0, 0),
-    };
-    let fields = Fields {
-        origin_id,
-        medium,
-        address,
-        mxid,
-        ts,
-        not_before,
-        not_after,
-        sg_assoc: assoc.to_string(),
-    };
-    Some((object, fields))
 }
 
 /// GET /_matrix/identity/internal/replication: per peer, where it is and what is pending.

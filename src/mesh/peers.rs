@@ -11,6 +11,9 @@ use crate::types::ServerName;
 
 /// Where the push for a peer goes: Sydent's path under its base URL.
 pub const PUSH_PATH: &str = "_matrix/identity/replicate/v1/push";
+/// Where a peer reads back what this node holds of an origin's bindings (sydent-rs only: a
+/// node rebuilt from its peers, `crate::rebuild`).
+pub const HELD_PATH: &str = "_matrix/identity/replicate/v1/associations";
 
 /// Sydent's DB peers with no port and no `[peer.NAME]` section: Sydent falls back to port
 /// 1001, which nothing listens on; the replication listener's default is 4434.
@@ -45,6 +48,10 @@ pub struct Peer {
 impl Peer {
     pub fn push_url(&self) -> String {
         format!("{}/{PUSH_PATH}", self.base_url.trim_end_matches('/'))
+    }
+
+    pub fn held_url(&self) -> String {
+        format!("{}/{HELD_PATH}", self.base_url.trim_end_matches('/'))
     }
 }
 

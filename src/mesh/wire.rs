@@ -26,3 +26,23 @@ pub struct PushBody<A = Value> {
 pub struct PushAccepted {
     pub success: bool,
 }
+
+/// How far an origin has reached the node answering a [`HeldPage`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldMark {
+    pub origin_id: i64,
+    pub ts: i64,
+}
+
+/// A page of `GET /_matrix/identity/replicate/v1/associations` (sydent-rs only): what a node
+/// holds of one origin's bindings, for a peer rebuilding its database. Written with the stored
+/// associations unparsed (`HeldPage<Box<RawValue>>`), read as JSON values to verify them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeldPage<A = Value> {
+    pub origin: String,
+    pub mark: Option<HeldMark>,
+    #[serde(rename = "sgAssocs")]
+    pub sg_assocs: BTreeMap<String, A>,
+    /// The `after` of the next page; `None` on the last.
+    pub next_after: Option<i64>,
+}

@@ -422,6 +422,46 @@ async fn replicates_both_ways_with_a_real_sydent() {
     .await;
     drop(rust);
 
+    // A sydent-rs node rebuilt from its peers skips Sydent ones (they have no such endpoint)
+    // and says so; with no other peer nothing can be restored, and the command fails.
+    let sydent_url = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("base_replication_url = "))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        peers_dir.join("sydent.test.conf"),
+        sydent_rs::mesh::peers::peer_file_text(
+            "sydent.test",
+            &sydent_url,
+            &sydent_key.verify_key(),
+        ),
+    )
+    .unwrap();
+    let lost_config = rust_dir.join("lost.conf");
+    std::fs::write(
+        &lost_config,
+        std::fs::read_to_string(&config_path).unwrap().replace(
+            &format!("db.file = {}/sydent.db", rust_dir.display()),
+            &format!("db.file = {}/lost.db", rust_dir.display()),
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = crate::harness::run_to_exit(
+        &rust_dir,
+        &[
+            "--config",
+            lost_config.to_str().unwrap(),
+            "rebuild-from-peers",
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("no peer could be read (sydent.test: not a sydent-rs node"),
+        "{err}"
+    );
+
     // The switch: Sydent stops, sydent-rs starts on Sydent's own database and key, and serves
     // what Sydent had: its own binding as Sydent signed it, the one it had received, and
     // nothing that was unbound.

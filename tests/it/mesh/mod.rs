@@ -4,6 +4,7 @@
 pub mod harness;
 mod local;
 mod ordering;
+mod rebuild;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -451,6 +452,55 @@ async fn the_receiver_verifies_peers_and_signatures() {
         resp.json::<Value>().await.unwrap()["errcode"],
         "M_UNKNOWN_PEER"
     );
+
+    // What the node holds of an origin, for a peer rebuilding itself: the origin's bindings
+    // (the tombstoned one gone), countersigned, page by page, and how far the origin reached.
+    let held_url = url.replace("/push", "/associations");
+    let held = |client: reqwest::Client, query: &'static str| {
+        let url = format!("{held_url}?{query}");
+        async move {
+            let resp = client.get(&url).send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, page) = held(rogue.clone(), "limit=1").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["origin"], "rogue.test");
+    assert_eq!(page["mark"], json!({"origin_id": 4, "ts": now + 1}));
+    assert_eq!(page["next_after"], 2);
+    let first = &page["sgAssocs"]["2"];
+    assert_eq!(first["mxid"], "@p2:rogue.test");
+    let signers: Vec<&String> = first["signatures"].as_object().unwrap().keys().collect();
+    assert_eq!(signers, ["node.test", "rogue.test"]);
+    let (_, page) = held(rogue.clone(), "origin=rogue.test&after=2&limit=5").await;
+    let ids: Vec<&str> = page["sgAssocs"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!((ids, &page["next_after"]), (vec!["3"], &Value::Null));
+    let (_, page) = held(rogue.clone(), "origin=node.test&limit=0").await;
+    assert_eq!(
+        page,
+        json!({"origin": "node.test", "mark": null, "sgAssocs": {}, "next_after": null})
+    );
+    for bad in [
+        "limit=abc",
+        "limit=10001",
+        "limit=-1",
+        "after=x",
+        "origin=no%20name",
+    ] {
+        let (status, body) = held(rogue.clone(), bad).await;
+        assert_eq!(
+            (status, &body["errcode"]),
+            (400, &json!("M_INVALID_PARAM")),
+            "{bad}"
+        );
+    }
+    let (status, body) = held(stranger.clone(), "").await;
+    assert_eq!((status, &body["errcode"]), (403, &json!("M_UNKNOWN_PEER")));
 
     // A certificate from another CA, even naming a real peer: refused in the handshake.
     let other_dir = root.path().join("other");
