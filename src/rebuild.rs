@@ -194,10 +194,13 @@ pub async fn rebuild(config: &Config) -> Result<Outcome, RebuildError> {
                 peer: &peers[peer],
                 mark,
             }),
+            // Every peer that answered (the origin itself among them) holds none.
             Some((_, None)) => outcome
                 .lines
                 .push(format!("{origin}: no bindings in the mesh")),
-            None if own => unreachable!("at least one peer answered"),
+            None if !marks_of(origin).is_empty() => outcome
+                .lines
+                .push(format!("{origin}: no bindings in the mesh")),
             None => outcome.warnings.push(format!(
                 "{origin}'s bindings are not restored: neither it nor any peer holding them \
                  could be read (run rebuild-from-peers again, before starting the node, once \

@@ -43,6 +43,17 @@ async fn single(mesh: &Mesh, i: usize, address: &str) -> Value {
     body
 }
 
+/// Node `i` stops hard and its database goes (its config, with its key, stays).
+fn lose_database(mesh: &mut Mesh, i: usize) {
+    mesh.nodes[i].node.take().unwrap().kill();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = mesh.nodes[i].db().into_os_string();
+        path.push(suffix);
+        let _ = std::fs::remove_file(path);
+    }
+    assert!(!mesh.nodes[i].db().exists());
+}
+
 /// The one integer `sql` selects (as text, in a column `v`).
 fn sqlite_int(db: &std::path::Path, sql: &str) -> i64 {
     sqlite_rows(db, sql)[0].parse().unwrap()
@@ -127,12 +138,7 @@ async fn a_node_whose_database_is_lost_is_rebuilt_from_its_peers() {
 
     // The disk is lost: A stops hard and its database goes; its config (key) stays.
     let port = port_of(mesh.nodes[A].node().replication_addr.as_deref().unwrap());
-    mesh.nodes[A].node.take().unwrap().kill();
-    for suffix in ["", "-wal", "-shm"] {
-        let mut path = mesh.nodes[A].db().into_os_string();
-        path.push(suffix);
-        let _ = std::fs::remove_file(path);
-    }
+    lose_database(&mut mesh, A);
 
     // A binding altered on every peer is refused (not signed with A's key): nothing written.
     let tamper = |from: &str, to: &str| {
@@ -229,4 +235,36 @@ async fn a_node_whose_database_is_lost_is_rebuilt_from_its_peers() {
         .await;
     let (count, distinct) = origin_rows(&mesh.nodes[A].db(), "b.test");
     assert_eq!((count, distinct), (301, 301));
+}
+
+/// A node that never bound anything is rebuilt with its peers' bindings only.
+#[tokio::test]
+async fn a_node_with_no_bindings_of_its_own_is_rebuilt_with_its_peers() {
+    let mut mesh = Mesh::start(&["a.test", "b.test"]).await;
+    mesh.bind(B, "onb@example.com", "@onb:b.test").await;
+    mesh.wait_lookup(&[A], "onb@example.com", Some("@onb:b.test"))
+        .await;
+    let port = port_of(mesh.nodes[A].node().replication_addr.as_deref().unwrap());
+    lose_database(&mut mesh, A);
+    let config = mesh.nodes[A].config_path();
+    let (code, out, err) = run_to_exit(
+        &mesh.nodes[A].dir,
+        &["--config", config.to_str().unwrap(), "rebuild-from-peers"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("a.test: no bindings in the mesh"), "{out}");
+    assert!(out.contains("b.test: pushes resume after id -1"), "{out}");
+    assert!(
+        out.contains("restored 0 of this node's bindings and 1 in all"),
+        "{out}"
+    );
+    mesh.restart_same_port(A, port);
+    assert_eq!(
+        mesh.lookup(A, "onb@example.com").await.as_deref(),
+        Some("@onb:b.test")
+    );
+    // A's first bind replicates as before.
+    mesh.bind(A, "first@example.com", "@first:a.test").await;
+    mesh.wait_lookup(&[B], "first@example.com", Some("@first:a.test"))
+        .await;
 }
