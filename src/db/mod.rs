@@ -9,6 +9,7 @@ pub mod casefold;
 pub mod directory;
 pub mod invites;
 mod open;
+pub mod pg;
 pub mod queries;
 pub mod rebuild;
 pub mod schema;

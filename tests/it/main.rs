@@ -18,6 +18,7 @@ mod lookup_v2;
 mod mesh;
 mod metrics;
 mod onbind;
+mod postgres;
 mod sms;
 mod status_page;
 mod sydent_db;

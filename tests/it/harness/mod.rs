@@ -4,6 +4,7 @@
 #![allow(dead_code)] // not every test module uses every helper
 
 pub mod matrix_hs;
+pub mod postgres;
 pub mod slapd;
 pub mod sms_gateway;
 mod test_ca;
