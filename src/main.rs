@@ -270,7 +270,7 @@ fn rebuild_from_peers(config_path_arg: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(format!(
-            "rebuild-from-peers: {e} (the database is unchanged)"
+            "rebuild-from-peers: {e} (nothing was restored: run it again)"
         )),
     }
 }
