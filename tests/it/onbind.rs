@@ -437,11 +437,19 @@ async fn a_refused_delivery_holds_up_no_other() {
         started.elapsed()
     );
     check_onbind(&judys, "id.test", &key, &judy, &[&judy_token]);
-    let status = get_json(&format!(
-        "{}/_matrix/identity/internal/onbind",
-        rig.node.internal()
-    ))
-    .await;
+    // The stand-in records Judy's delivery as it receives it: the node takes the answer a
+    // moment later, and is idle again once it has.
+    let status_url = format!("{}/_matrix/identity/internal/onbind", rig.node.internal());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = get_json(&status_url).await;
+        if status["destinations"][&rig.hs.server_name]["state"] == "idle"
+            || Instant::now() > deadline
+        {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let destination = &status["destinations"][&rig.hs.server_name];
     assert!(
         destination["last_error"]
