@@ -667,7 +667,10 @@ impl Node {
                 now_ms: crate::now_ms,
                 own_name: config.general.server_name.clone(),
                 signing_key: config.crypto.signing_key.clone(),
-                db_file: config.db.db_file.clone(),
+                held: crate::actors::peers::HeldReader {
+                    db_file: config.db.db_file.clone(),
+                    own_name: config.general.server_name.clone(),
+                },
             });
             let server_config = tls
                 .server_config()

@@ -133,6 +133,34 @@ impl PeerSources {
     }
 }
 
+/// What this node holds of an origin's bindings, read for a peer rebuilding its database
+/// (`GET …/replicate/v1/associations`): on a connection of its own, on a blocking thread, so
+/// the read never waits behind the store's writes nor holds up the replication listener.
+#[derive(Debug, Clone)]
+pub struct HeldReader {
+    pub db_file: String,
+    pub own_name: ServerName,
+}
+
+impl HeldReader {
+    /// `origin`'s bindings after origin id `after`, at most `limit`, and its mark.
+    pub async fn read(
+        &self,
+        origin: ServerName,
+        after: i64,
+        limit: usize,
+    ) -> Result<crate::db::rebuild::Held, String> {
+        let reader = self.clone();
+        actix_web::rt::task::spawn_blocking(move || {
+            let mut conn = crate::db::connect(&reader.db_file).map_err(|e| e.to_string())?;
+            crate::db::rebuild::held(&mut conn, &reader.own_name, &origin, after, limit)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("database thread: {e}"))?
+    }
+}
+
 pub struct PeerRegistry {
     pub sources: PeerSources,
     pub signing_key: NodeSigningKey,

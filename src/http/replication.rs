@@ -24,10 +24,9 @@ use serde_json::{json, Map};
 use super::error::ApiError;
 use super::extract::Args;
 use super::{resource, AppState};
-use crate::actors::peers::{ActivePeer, ActivePeers, Refusal};
+use crate::actors::peers::{ActivePeer, ActivePeers, HeldReader, Refusal};
 use crate::actors::store::{ApplyReplicated, StoreQueue};
 use crate::crypto::NodeSigningKey;
-use crate::db::rebuild::Held;
 use crate::mesh::peers::{HELD_PATH, PUSH_PATH};
 use crate::mesh::tls::certificate_names;
 use crate::mesh::verify::{verify_batch, Refused, Rules};
@@ -80,8 +79,8 @@ pub struct ReplicationState {
     /// This node's name and key: received bindings are countersigned once, on arrival.
     pub own_name: ServerName,
     pub signing_key: NodeSigningKey,
-    /// The database, read (on a connection of its own) when a peer is rebuilt from us.
-    pub db_file: String,
+    /// What a peer rebuilding its database reads back from us.
+    pub held: HeldReader,
 }
 
 pub fn configure_receiver(cfg: &mut web::ServiceConfig) {
@@ -259,16 +258,11 @@ async fn held(
         .ok_or_else(|| {
             ApiError::InvalidParam(format!("'limit' must be between 0 and {HELD_MAX_ROWS}"))
         })?;
-    let (db_file, own_name) = (state.db_file.clone(), state.own_name.clone());
-    let name = origin.clone();
-    let held = web::block(move || -> Result<Held, String> {
-        let mut conn = crate::db::connect(&db_file).map_err(|e| e.to_string())?;
-        crate::db::rebuild::held(&mut conn, &own_name, &name, after, limit)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("database thread: {e}")))?
-    .map_err(ApiError::Internal)?;
+    let held = state
+        .held
+        .read(origin.clone(), after, limit)
+        .await
+        .map_err(ApiError::Internal)?;
     log::info!(
         "replication: {} read {} of {origin}'s bindings after {after} from us",
         peer.peer.server_name,
